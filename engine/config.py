@@ -1,0 +1,579 @@
+"""The run configuration: one typed tree, loaded from YAML, overridden from the command line, validated up front.
+
+Merge order (later wins): dataclass defaults < model preset (``model.preset``) < YAML file < dotted CLI overrides
+(``optim.lr=1e-6``). Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key, before
+any model is built. The DeepSpeed JSON is derived from this tree (:func:`deepspeed_config`), so batch size, dtype and
+ZeRO stage have a single source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work. The message names the offending key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Wan2.1 DiT architecture (WAN_SPEC.md section 1.1) and how it runs."""
+
+    preset: Optional[str] = None
+    """Architecture preset applied under the YAML values: wan2.1-1.3b, wan2.1-14b, toy, tiny (see MODEL_PRESETS)."""
+    dim: int = 1536
+    """Hidden size (heads x head_dim)."""
+    ffn_dim: int = 8960
+    """Feed-forward inner size."""
+    num_heads: int = 12
+    """Attention heads; must divide dim."""
+    num_layers: int = 30
+    """Transformer blocks."""
+    in_dim: int = 16
+    """Latent channels in (VAE z_dim)."""
+    out_dim: int = 16
+    """Latent channels out."""
+    text_dim: int = 4096
+    """Text-encoder width (umT5-XXL: 4096)."""
+    freq_dim: int = 256
+    """Sinusoidal timestep embedding size."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """(frames, height, width) patch of the latent."""
+    eps: float = 1e-6
+    """Epsilon of every LayerNorm/RMSNorm."""
+    cross_attn_norm: bool = True
+    """Affine LayerNorm before cross-attention (True in every Wan2.1 T2V checkpoint)."""
+    rope_max_seq_len: int = 1024
+    """Positions covered by the 3D RoPE tables along each axis."""
+    checkpoint: Optional[str] = None
+    """Teacher weights: official Wan2.1 file/dir or a diffusers `transformer/` dir. Generator and critic start here."""
+    attention_backend: Literal["auto", "flash3", "flash2", "xformers", "sdpa"] = "auto"
+    """Attention kernel; auto picks flash3 > flash2 > xformers > sdpa by availability and device."""
+    gradient_checkpointing: bool = True
+    """Recompute each block in backward (activation memory of one block instead of all)."""
+    fused_kernels: Literal["auto", "on", "off"] = "auto"
+    """Triton element-wise fusions (adaLN, gated residual, qk-norm+RoPE); auto = on for CUDA tensors."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: Literal["umt5", "toy"] = "umt5"
+    """umT5-XXL encoder from a local directory, or the deterministic toy encoder."""
+    path: Optional[str] = None
+    """Local directory with the encoder weights and tokenizer (no hub downloads)."""
+    max_length: int = 512
+    """Tokens per prompt; embeddings are trimmed to the true length and zero-padded to this."""
+    negative_prompt: str = ""
+    """Unconditional prompt for classifier-free guidance."""
+
+
+@dataclass
+class VAEConfig:
+    kind: Literal["wan", "toy"] = "wan"
+    """diffusers AutoencoderKLWan from a local directory, or the toy codec."""
+    path: Optional[str] = None
+    """Local directory (diffusers layout) or the official Wan2.1_VAE.pth."""
+    temporal_stride: int = 4
+    """Pixel frames per latent frame after the first (Wan: 4)."""
+    spatial_stride: int = 8
+    """Pixels per latent cell along height and width (Wan: 8)."""
+    tile_frames: int = 0
+    """Latent frames decoded per chunk; 0 decodes the whole clip at once."""
+
+
+@dataclass
+class DiffusionConfig:
+    """Flow matching (WAN_SPEC.md section 5) and the student schedule (DESIGN.md section 4)."""
+
+    num_train_timesteps: int = 1000
+    """Model timestep input is t = num_train_timesteps * sigma."""
+    shift: float = 5.0
+    """Timestep shift s' = shift s / (1 + (shift - 1) s)."""
+    student_timesteps: list[float] = field(default_factory=lambda: [1000.0, 900.0, 757.0, 522.0])
+    """The 4-step student's timesteps, strictly decreasing (released recipe)."""
+    teacher_steps: int = 50
+    """Euler steps of the teacher sampler."""
+    guidance_scale: float = 5.0
+    """Teacher CFG scale."""
+    guidance_form: Literal["standard", "dmd2"] = "standard"
+    """standard: u + w (c - u); dmd2: c + w (c - u) (= standard with w + 1)."""
+    dmd_timestep_min: float = 0.02
+    """Clamp of the shifted sigma drawn for DMD and critic noise."""
+    dmd_timestep_max: float = 0.98
+    """Upper clamp of the shifted sigma drawn for DMD and critic noise."""
+
+
+@dataclass
+class DMDLossConfig:
+    enabled: bool = True
+    """Distribution matching gradient (Eq. 4)."""
+    weight: float = 1.0
+    """Multiplier of L_DMD in the generator loss."""
+
+
+@dataclass
+class RegressionLossConfig:
+    enabled: bool = True
+    """Regression on real latents (Eqs. 5-7)."""
+    adaptive: bool = True
+    """Weight each sample by 1 - sigmoid(k (L - EMA)); False gives plain regression (the +TR+RegLoss ablation)."""
+    weight: float = 2.0
+    """w_reg in Eq. 9."""
+    k: float = 3.0
+    """Sigmoid sharpness of the adaptive weight."""
+    ema_decay: float = 0.95
+    """a in the per-timestep EMA of the regression loss."""
+
+
+@dataclass
+class TemporalLossConfig:
+    enabled: bool = True
+    """Temporal regularization (Eq. 8)."""
+    weight: float = 0.05
+    """w_temp in Eq. 9."""
+    power: float = 1.0
+    """p in -log((v + eps)^p); the released code uses 1."""
+    eps: float = 1e-6
+    """Added to the temporal variance before the log."""
+    tau: float = 0.6
+    """Truncation: the term counts only while L_temp >= tau (paper 0.6, released code 0.8)."""
+
+
+@dataclass
+class MethodConfig:
+    """The distillation method: DMD2 plus the paper's losses. Every term can be switched off (ablations are configs)."""
+
+    critic_per_generator: int = 5
+    """Critic updates per generator update (two-timescale rule)."""
+    dmd: DMDLossConfig = field(default_factory=DMDLossConfig)
+    regression: RegressionLossConfig = field(default_factory=RegressionLossConfig)
+    temporal: TemporalLossConfig = field(default_factory=TemporalLossConfig)
+    fake_guidance_scale: float = 0.0
+    """CFG applied to the critic's prediction in the DMD gradient (0 = conditional only)."""
+
+
+@dataclass
+class DataConfig:
+    manifest: Optional[str] = None
+    """JSONL/CSV manifest with `path` and `caption` (plus optional metadata)."""
+    root: Optional[str] = None
+    """Directory that relative manifest paths are resolved against (default: the manifest's directory)."""
+    source: Literal["online", "cache"] = "online"
+    """online: decode -> VAE encode in the loop; cache: read precomputed latents and text embeddings."""
+    cache_dir: Optional[str] = None
+    """Directory of precomputed text/latent caches (launcher/precompute.py)."""
+    reader: Literal["auto", "dali", "pyav"] = "auto"
+    """Video decoder: DALI (GPU, or CPU for VP9/VP8/MJPEG) or PyAV; auto picks DALI when it can decode."""
+    num_frames: int = 81
+    """Pixel frames per clip; must be 4k + 1 (81 -> 21 latent frames)."""
+    fps: float = 16.0
+    """Clips are resampled to this frame rate."""
+    height: int = 480
+    """Output height after resize + centre crop."""
+    width: int = 832
+    """Output width after resize + centre crop."""
+    num_workers: int = 2
+    """Decoder threads/processes per rank."""
+    prefetch: int = 2
+    """Batches decoded ahead of compute."""
+    shuffle: bool = True
+    """Shuffle the manifest each epoch (seeded, identical on every rank)."""
+    max_bad_fraction: float = 1.0
+    """Stop when more than this share of an epoch's samples were bad (1.0: stop only when all are bad)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    """Generator learning rate (paper)."""
+    critic_lr: float = 2e-6
+    """Critic learning rate (paper)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 10.0
+    """Gradient clipping by global norm."""
+    micro_batch_size: int = 1
+    """Samples per GPU per forward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """ZeRO stage; 3 partitions parameters, gradients and optimizer states across ranks."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision; auto = bf16 on CUDA, fp32 on CPU."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory."""
+    offload_param: bool = False
+    """Keep partitioned parameters in CPU memory."""
+    overlap_comm: bool = True
+    """Overlap reduce-scatter with backward."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduction bucket."""
+    prefetch_bucket_size: int = 50_000_000
+    """Elements of parameters fetched ahead (stage3_prefetch_bucket_size)."""
+    param_persistence_threshold: int = 100_000
+    """Parameters smaller than this stay unpartitioned (stage3_param_persistence_threshold)."""
+    max_live_parameters: int = 1_000_000_000
+    """Gathered parameters kept alive at once (stage3_max_live_parameters)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 3000
+    """Trainer steps (each is one critic or one generator update)."""
+    seed: int = 0
+    """Base seed; rank r uses seed + r for its generator."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save every N trainer steps (and at the end)."""
+    keep_last: int = 3
+    """Step directories kept; older ones are deleted after a complete save."""
+    resume: str = "auto"
+    """auto: resume from <run_dir>/checkpoints/latest if present; never; or a checkpoint directory."""
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, checkpoints, TensorBoard events, samples."""
+    log_every: int = 10
+    """Scalars logged every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    progress_bar: bool = True
+    """Rank-0 progress bar with ETA."""
+    sample_every: int = 0
+    """Write sample videos every N steps (0 = only at the end)."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Fixed prompts for periodic samples."""
+    sample_seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds for periodic samples."""
+
+
+@dataclass
+class InterpConfig:
+    """Latent frame-interpolation U-Net (paper Sec. 3.4, appendix 8) and the VIF sampler."""
+
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    """ConvBlock widths of the three levels (small default; the paper's widths in configs/interp-wan.yaml)."""
+    checkpoint: Optional[str] = None
+    """Trained interpolator (safetensors + config.json)."""
+    lr: float = 1e-4
+    """AdamW learning rate (the paper's value is illegible)."""
+    batch_size: int = 32
+    """Training batch (paper: 32)."""
+    steps: int = 10_000
+    """Training iterations (paper: 10k)."""
+    half_rate_steps: int = 2
+    """VIF: the first k of the student's steps run at half frame rate."""
+    rope_positions: Literal["contiguous", "stride2"] = "contiguous"
+    """Frame positions given to RoPE for half-rate steps."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    interp: InterpConfig = field(default_factory=InterpConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------------------------
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # WAN_SPEC.md section 1.1
+    "wan2.1-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096),
+    "wan2.1-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096),
+    # The toy world's teacher (DESIGN.md section 7): 1.25 M parameters.
+    "toy": dict(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=32),
+    # Smallest useful model for unit tests.
+    "tiny": dict(dim=24, ffn_dim=32, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16, rope_max_seq_len=32),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a named preset, with field overrides (validated)."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; known: {sorted(MODEL_PRESETS)}")
+    cfg = ModelConfig(preset=name, **{**MODEL_PRESETS[name], **overrides})
+    validate_model(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _oc_error(exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"config key `{key}`: {msg}")
+
+
+def _read_yaml(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends; name the file
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return node
+
+
+def _parse_overrides(overrides: list[str]):
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise _oc_error(exc) from exc
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load and validate a run config: defaults < model preset < YAML < dotted overrides."""
+    layers = [_read_yaml(path)] if path is not None else []
+    layers.append(_parse_overrides(list(overrides)))
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        user = OmegaConf.merge(schema, *layers)
+        preset = user.model.preset
+        if preset is not None:
+            if preset not in MODEL_PRESETS:
+                raise ConfigError(f"config key `model.preset`: unknown preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
+            merged = OmegaConf.merge(schema, {"model": MODEL_PRESETS[preset]}, *layers)
+        else:
+            merged = user
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _oc_error(exc) from exc
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (loads back to an equal config)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace that re-validates a RunConfig."""
+    new = dataclasses.replace(cfg, **changes)
+    if isinstance(new, RunConfig):
+        validate(new)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation: every check names its key
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key `{key}`: {msg}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim"):
+        _require(getattr(m, name) > 0, f"{prefix}.{name}", f"must be positive, got {getattr(m, name)}")
+    _require(m.dim % m.num_heads == 0, f"{prefix}.num_heads", f"{m.num_heads} does not divide model.dim={m.dim}")
+    head_dim = m.dim // m.num_heads
+    # 3D RoPE splits head_dim into (frame, height, width) = (hd - 4(hd//6), 2(hd//6), 2(hd//6)), in complex pairs.
+    _require(
+        head_dim % 2 == 0 and head_dim >= 6,
+        f"{prefix}.num_heads",
+        f"head_dim = dim / num_heads = {head_dim} must be even and >= 6 for the 3D RoPE split",
+    )
+    _require(m.freq_dim % 2 == 0, f"{prefix}.freq_dim", f"must be even, got {m.freq_dim}")
+    _require(all(p > 0 for p in m.patch_size), f"{prefix}.patch_size", f"entries must be positive, got {m.patch_size}")
+    _require(m.eps > 0, f"{prefix}.eps", f"must be positive, got {m.eps}")
+    _require(m.rope_max_seq_len > 0, f"{prefix}.rope_max_seq_len", "must be positive")
+
+
+def _validate_diffusion(d: DiffusionConfig) -> None:
+    T = d.num_train_timesteps
+    _require(T > 0, "diffusion.num_train_timesteps", "must be positive")
+    _require(d.shift > 0, "diffusion.shift", f"must be positive, got {d.shift}")
+    ts = d.student_timesteps
+    _require(len(ts) >= 1, "diffusion.student_timesteps", "needs at least one timestep")
+    _require(
+        all(a > b for a, b in zip(ts, ts[1:])), "diffusion.student_timesteps", f"must be strictly decreasing, got {ts}"
+    )
+    _require(all(0 < t <= T for t in ts), "diffusion.student_timesteps", f"must lie in (0, {T}], got {ts}")
+    _require(d.teacher_steps >= 1, "diffusion.teacher_steps", "must be >= 1")
+    _require(d.guidance_scale >= 0, "diffusion.guidance_scale", f"must be >= 0, got {d.guidance_scale}")
+    _require(
+        0 <= d.dmd_timestep_min < d.dmd_timestep_max <= 1,
+        "diffusion.dmd_timestep_min",
+        f"need 0 <= min < max <= 1, got {d.dmd_timestep_min}, {d.dmd_timestep_max}",
+    )
+
+
+def _validate_method(m: MethodConfig) -> None:
+    _require(m.critic_per_generator >= 1, "method.critic_per_generator", "must be >= 1")
+    _require(m.regression.weight >= 0, "method.regression.weight", "must be >= 0")
+    _require(m.regression.k > 0, "method.regression.k", "must be positive")
+    _require(0 <= m.regression.ema_decay < 1, "method.regression.ema_decay", "must lie in [0, 1)")
+    _require(m.temporal.weight >= 0, "method.temporal.weight", "must be >= 0")
+    _require(m.temporal.eps > 0, "method.temporal.eps", "must be positive")
+    _require(m.temporal.power > 0, "method.temporal.power", "must be positive")
+    _require(m.dmd.weight >= 0, "method.dmd.weight", "must be >= 0")
+
+
+def _validate_data(d: DataConfig, vae: VAEConfig, model: ModelConfig) -> None:
+    st = vae.temporal_stride
+    _require(
+        d.num_frames >= 1 and (d.num_frames - 1) % st == 0,
+        "data.num_frames",
+        f"must be of the form {st}k+1 (e.g. 81), got {d.num_frames}",
+    )
+    cell = vae.spatial_stride * model.patch_size[1]
+    _require(d.height > 0 and d.height % cell == 0, "data.height", f"must be a positive multiple of {cell}, got {d.height}")
+    cell_w = vae.spatial_stride * model.patch_size[2]
+    _require(d.width > 0 and d.width % cell_w == 0, "data.width", f"must be a positive multiple of {cell_w}, got {d.width}")
+    _require(d.fps > 0, "data.fps", "must be positive")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(0 < d.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in (0, 1]")
+    if d.source == "cache":
+        _require(d.cache_dir is not None, "data.cache_dir", "is required when data.source=cache")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(o.critic_lr > 0, "optim.critic_lr", f"must be positive, got {o.critic_lr}")
+    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must lie in [0, 1), got {o.betas}")
+    _require(o.max_grad_norm > 0, "optim.max_grad_norm", "must be positive")
+    _require(o.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
+    _require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    _require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
+    _require(cfg.text_encoder.max_length >= 1, "text_encoder.max_length", "must be >= 1")
+    _require(len(cfg.interp.channels) == 3, "interp.channels", "needs three widths (one per U-Net level)")
+    _require(all(c > 0 for c in cfg.interp.channels), "interp.channels", "widths must be positive")
+    n_student = len(cfg.diffusion.student_timesteps)
+    _require(
+        0 <= cfg.interp.half_rate_steps < n_student,
+        "interp.half_rate_steps",
+        f"must lie in [0, {n_student - 1}] for {n_student} student steps",
+    )
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError naming the first impossible value."""
+    validate_model(cfg.model)
+    _validate_diffusion(cfg.diffusion)
+    _validate_method(cfg.method)
+    _validate_data(cfg.data, cfg.vae, cfg.model)
+    _validate_optim(cfg.optim)
+    _validate_run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Derived settings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(cfg: RunConfig, cuda: Optional[bool] = None):
+    """The training dtype: bf16 on CUDA and fp32 on CPU unless the config fixes it."""
+    import torch
+
+    name = cfg.deepspeed.dtype
+    if name == "auto":
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        name = "bf16" if cuda else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, *, cuda: Optional[bool] = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for a trained role, from the one run config (batch size, dtype and ZeRO stage)."""
+    import torch
+
+    _require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
+    o, ds = cfg.optim, cfg.deepspeed
+    dtype = resolve_dtype(cfg, cuda)
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ds.prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.param_persistence_threshold,
+            stage3_max_live_parameters=ds.max_live_parameters,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_param:
+        _require(ds.zero_stage == 3, "deepspeed.offload_param", "needs deepspeed.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum_steps,
+        "train_batch_size": o.micro_batch_size * o.grad_accum_steps * world_size,
+        "gradient_clipping": o.max_grad_norm,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
