@@ -381,7 +381,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         preset = user.model.preset
         if preset is not None:
             if preset not in MODEL_PRESETS:
-                raise ConfigError(f"config key `model.preset`: unknown preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
+                raise ConfigError(
+                    f"config key `model.preset`: unknown preset {preset!r}; known: {sorted(MODEL_PRESETS)}"
+                )
             merged = OmegaConf.merge(schema, {"model": MODEL_PRESETS[preset]}, *layers)
         else:
             merged = user
@@ -478,9 +480,13 @@ def _validate_data(d: DataConfig, vae: VAEConfig, model: ModelConfig) -> None:
         f"must be of the form {st}k+1 (e.g. 81), got {d.num_frames}",
     )
     cell = vae.spatial_stride * model.patch_size[1]
-    _require(d.height > 0 and d.height % cell == 0, "data.height", f"must be a positive multiple of {cell}, got {d.height}")
+    _require(
+        d.height > 0 and d.height % cell == 0, "data.height", f"must be a positive multiple of {cell}, got {d.height}"
+    )
     cell_w = vae.spatial_stride * model.patch_size[2]
-    _require(d.width > 0 and d.width % cell_w == 0, "data.width", f"must be a positive multiple of {cell_w}, got {d.width}")
+    _require(
+        d.width > 0 and d.width % cell_w == 0, "data.width", f"must be a positive multiple of {cell_w}, got {d.width}"
+    )
     _require(d.fps > 0, "data.fps", "must be positive")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0 < d.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in (0, 1]")

@@ -1,4 +1,4 @@
-"""Test-session set-up: Triton's interpreter on CPU-only machines, one thread per op, `gpu` tests skipped without CUDA."""
+"""Test-session set-up: Triton interpreter on CPU-only machines; `gpu` tests skipped without CUDA."""
 
 import os
 

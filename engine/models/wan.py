@@ -1,0 +1,244 @@
+"""The Wan2.1 text-to-video DiT (WAN_SPEC.md section 1), one implementation for teacher, generator and critic.
+
+Parameter names are the official Wan2.1 checkpoint keys (``blocks.0.self_attn.q.weight``...), so an official
+checkpoint loads as is and the diffusers layout is a rename (engine/models/checkpoint.py).
+
+Precision follows the official code: the timestep embedding, the adaLN modulation and every norm run in fp32 whatever
+the parameter dtype; the residual stream stays in the input dtype. Element-wise hot paths (adaLN, gated residual,
+qk-norm + RoPE) go through ``kernels/`` when fused kernels are on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from engine.config import ModelConfig, validate_model
+from engine.models.attention import attention
+from engine.models.rope import rope_tables
+from kernels import adaln, gated_residual, qk_norm_rope
+
+_FUSED = {"adaln": adaln.adaln_modulate, "residual": gated_residual.gated_residual, "qk": qk_norm_rope.qk_norm_rope}
+_REFERENCE = {
+    "adaln": adaln.adaln_modulate_reference,
+    "residual": gated_residual.gated_residual_reference,
+    "qk": qk_norm_rope.qk_norm_rope_reference,
+}
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) timesteps -> (B, dim) fp32 [cos(t f), sin(t f)] with f_i = 10000^(-i / (dim/2)) (cos first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer evaluated in fp32 whatever its parameter dtype (official fp32 autocast regions)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    w = None if norm.weight is None else norm.weight.float()
+    b = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned weight (the official WanRMSNorm: computed in fp32, key ``<name>.weight``)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qk_norm_rope.rms_norm_reference(x, self.weight, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: dict, backend: str) -> torch.Tensor:
+        """x: (B, N, D); cos, sin: (N, Dh/2)."""
+        wq, wk = self.norm_q.weight, self.norm_k.weight
+        q, k = ops["qk"](self.q(x), self.k(x), wq, wk, cos, sin, self.num_heads, self.eps)  # (B, N, H, Dh) each
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))  # (B, N, H, Dh)
+        out = attention(q, k, v, backend)  # (B, N, H, Dh)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention: RMSNorm on q and k across heads, no RoPE, every context row attended (WAN_SPEC 1.2)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, backend: str) -> torch.Tensor:
+        """x: (B, N, D); ctx: (B, L, D)."""
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)  # (B, N, H, Dh)
+        k = self.norm_k(self.k(ctx)).unflatten(-1, heads)  # (B, L, H, Dh)
+        v = self.v(ctx).unflatten(-1, heads)  # (B, L, H, Dh)
+        return self.o(attention(q, k, v, backend).flatten(2))
+
+
+class WanBlock(nn.Module):
+    """adaLN-modulated self-attention, un-modulated cross-attention, adaLN-modulated GELU-tanh FFN."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=cfg.cross_attn_norm)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, e0, ctx, cos, sin, ops: dict, backend: str) -> torch.Tensor:
+        """x: (B, N, D); e0: (B, 6, D) fp32; ctx: (B, L, D)."""
+        mod = (self.modulation.float() + e0).unsqueeze(2)  # (B, 6, 1, D)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(1)  # each (B, 1, D)
+        y = self.self_attn(ops["adaln"](x, shift_a, scale_a, self.eps), cos, sin, ops, backend)
+        x = ops["residual"](x, y, gate_a)
+        x = x + self.cross_attn(_fp32_layer_norm(x, self.norm3), ctx, backend)
+        y = self.ffn(ops["adaln"](x, shift_f, scale_f, self.eps))
+        return ops["residual"](x, y, gate_f)
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+
+class WanModel(nn.Module):
+    """Wan2.1 T2V DiT. ``forward(x (B, C, F, H, W), t (B,), context (B, L, text_dim)) -> velocity (B, C, F, H, W)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model(cfg)
+        self.cfg = cfg
+        d, p = cfg.dim, tuple(cfg.patch_size)
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(d, cfg.out_dim * math.prod(p))
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    # -- set-up ------------------------------------------------------------------------------------------------------
+
+    def init_weights(self) -> None:
+        """Initialization for training from scratch (official init_weights): xavier linears, zero head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    @property
+    def kernel_ops(self) -> dict:
+        return _REFERENCE if self.cfg.fused_kernels == "off" else _FUSED
+
+    def num_tokens(self, latent_shape: tuple[int, int, int]) -> int:
+        """Tokens of a (F, H, W) latent."""
+        pt, ph, pw = self.cfg.patch_size
+        return (latent_shape[0] // pt) * (latent_shape[1] // ph) * (latent_shape[2] // pw)
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+        c = self.cfg
+        if x.ndim != 5:
+            raise ValueError(f"latent must be (B, C, F, H, W), got shape {tuple(x.shape)}")
+        b, ch, f, h, w = x.shape
+        if ch != c.in_dim:
+            raise ValueError(f"latent has {ch} channels, the model expects model.in_dim={c.in_dim}")
+        for name, size, patch in zip(("frames", "height", "width"), (f, h, w), c.patch_size):
+            if size % patch:
+                raise ValueError(f"latent {name} {size} is not divisible by the patch size {patch} ({tuple(x.shape)})")
+        if t.shape != (b,):
+            raise ValueError(f"timestep must have shape ({b},) (one per sample), got {tuple(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != c.text_dim:
+            raise ValueError(f"context must be ({b}, L, {c.text_dim}), got {tuple(context.shape)}")
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) timesteps -> e (B, D) and e0 (B, 6, D), both fp32."""
+        s = sinusoidal_embedding(t, self.cfg.freq_dim)
+        lin1, _, lin2 = self.time_embedding
+        e = _fp32_linear(lin2, F.silu(_fp32_linear(lin1, s)))  # (B, D)
+        e0 = _fp32_linear(self.time_projection[1], F.silu(e))  # (B, 6D)
+        return e, e0.unflatten(1, (6, self.cfg.dim))  # (B, 6, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        frame_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: (B, C, F, H, W) latent; t: (B,) timesteps in [0, num_train_timesteps]; context: (B, L, text_dim) text
+        embeddings (zero rows past each prompt's length are attended, as in Wan). frame_positions: optional (F',)
+        RoPE frame positions of the F' = F / p_t token frames (default 0..F'-1). Returns (B, C_out, F, H, W) in x.dtype.
+        """
+        self._check_inputs(x, t, context)
+        b, _, f, h, w = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        dtype = self.patch_embedding.weight.dtype
+        rope_len = self.cfg.rope_max_seq_len
+        cos, sin = rope_tables(
+            grid, self.cfg.head_dim, max_seq_len=rope_len, frame_positions=frame_positions, device=x.device
+        )
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+        e, e0 = self.embed_time(t)
+        ctx = self.text_embedding(context.to(dtype))  # (B, L, D)
+        ops, backend = self.kernel_ops, self.cfg.attention_backend
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e0, ctx, cos, sin, ops, backend, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, ctx, cos, sin, ops, backend)
+        shift, scale = (self.head.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)  # each (B, 1, D)
+        out = self.head.head(ops["adaln"](tokens, shift, scale, self.cfg.eps))  # (B, N, pt*ph*pw*C)
+        return self.unpatchify(out, grid).to(x.dtype)
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, pt*ph*pw*C) tokens -> (B, C, F, H, W)."""
+        b = out.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        out = out.view(b, f, h, w, pt, ph, pw, self.cfg.out_dim)  # (B, f, h, w, pt, ph, pw, C)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return out.reshape(b, self.cfg.out_dim, f * pt, h * ph, w * pw)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """Construct a WanModel; ``device="meta"`` builds the structure without allocating (a 14B model is fine)."""
+    with torch.device(device or "cpu"):
+        model = WanModel(cfg)
+    return model if dtype is None else model.to(dtype)

@@ -1,0 +1,80 @@
+"""The run config: YAML + dotted overrides, errors that name the key, YAML dump round trip, DeepSpeed dict."""
+
+import pytest
+
+from engine.config import ConfigError, deepspeed_config, load_config, to_yaml
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_then_overrides_then_preset(tmp_path):
+    path = _write(tmp_path, "model:\n  preset: tiny\n  num_layers: 3\noptim:\n  lr: 1.0e-5\n")
+    cfg = load_config(path, ["optim.lr=1e-6", "diffusion.student_timesteps=[1000,750,500,250]"])
+    assert cfg.model.dim == 24 and cfg.model.num_layers == 3  # preset, then YAML on top
+    assert cfg.optim.lr == 1e-6  # CLI last
+    assert cfg.diffusion.student_timesteps == [1000, 750, 500, 250]
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    assert cfg.method.critic_per_generator == 5
+    assert (cfg.method.regression.weight, cfg.method.regression.k, cfg.method.regression.ema_decay) == (2.0, 3.0, 0.95)
+    assert (cfg.method.temporal.weight, cfg.method.temporal.tau, cfg.method.temporal.power) == (0.05, 0.6, 1.0)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.max_grad_norm) == (2e-6, (0.9, 0.999), 10.0)
+    assert (cfg.diffusion.shift, cfg.diffusion.guidance_scale) == (5.0, 5.0)
+    assert cfg.diffusion.student_timesteps == [1000, 900, 757, 522]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.dimm=3", "model.dimm"),
+        ("nope.x=1", "nope"),
+        ("optim.lr=fast", "optim.lr"),
+        ("data.num_frames=80", "data.num_frames"),
+        ("diffusion.student_timesteps=[1000,757,900]", "diffusion.student_timesteps"),
+        ("model.num_heads=7", "model.num_heads"),
+        ("model.attention_backend=cuda", "model.attention_backend"),
+        ("method.regression.ema_decay=1.5", "method.regression.ema_decay"),
+        ("data.height=470", "data.height"),
+        ("model.preset=wan3", "model.preset"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"`{key}`" in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["model.preset=toy", "optim.lr=3e-4", "data.num_frames=9", "data.height=32"])
+    again = load_config(_write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_deepspeed_dict_has_one_source():
+    cfg = load_config(None, ["optim.micro_batch_size=2", "optim.grad_accum_steps=3", "deepspeed.dtype=bf16"])
+    ds = deepspeed_config(cfg, world_size=24)
+    assert ds["train_batch_size"] == 2 * 3 * 24
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 10.0
+    cpu = deepspeed_config(load_config(), world_size=2, cuda=False)
+    assert not cpu["bf16"]["enabled"]  # auto = fp32 on CPU
+    with pytest.raises(ConfigError, match="offload_param"):
+        deepspeed_config(load_config(None, ["deepspeed.zero_stage=2", "deepspeed.offload_param=true"]), 1)
