@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from engine.toy.world import ToyWorldConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot work. The message names the offending key."""
@@ -62,8 +64,9 @@ class ModelConfig:
     """Attention kernel; auto picks flash3 > flash2 > xformers > sdpa by availability and device."""
     gradient_checkpointing: bool = True
     """Recompute each block in backward (activation memory of one block instead of all)."""
-    fused_kernels: Literal["auto", "on", "off"] = "auto"
-    """Triton element-wise fusions (adaLN, gated residual, qk-norm+RoPE); auto = on for CUDA tensors."""
+    fused_kernels: bool = True
+    """Triton element-wise fusions (adaLN, gated residual, qk-norm+RoPE) on CUDA tensors; False = pure torch.
+    VIDISTILL_KERNELS=triton|reference forces either path (kernels/_dispatch.py)."""
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +83,8 @@ class TextEncoderConfig:
     """Tokens per prompt; embeddings are trimmed to the true length and zero-padded to this."""
     negative_prompt: str = ""
     """Unconditional prompt for classifier-free guidance."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Encoder precision; auto = bf16 on CUDA (the released weights are bf16), fp32 on CPU."""
 
 
 @dataclass
@@ -92,8 +97,14 @@ class VAEConfig:
     """Pixel frames per latent frame after the first (Wan: 4)."""
     spatial_stride: int = 8
     """Pixels per latent cell along height and width (Wan: 8)."""
-    tile_frames: int = 0
-    """Latent frames decoded per chunk; 0 decodes the whole clip at once."""
+    tiling: bool = True
+    """Spatial tiling (diffusers enable_tiling) to bound activation memory; time is already chunked by diffusers."""
+    tile_size: int = 256
+    """Tile side in pixels when tiling (diffusers default 256)."""
+    tile_stride: int = 192
+    """Distance between tile starts in pixels (tile_size - stride pixels are blended)."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """VAE precision; auto = fp32 (the official WanVAE runs in fp32)."""
 
 
 @dataclass
@@ -195,6 +206,12 @@ class DataConfig:
     """Shuffle the manifest each epoch (seeded, identical on every rank)."""
     max_bad_fraction: float = 1.0
     """Stop when more than this share of an epoch's samples were bad (1.0: stop only when all are bad)."""
+    random_clip_start: bool = True
+    """Start each clip at a seeded random frame of its video (False: at the first frame)."""
+    min_side: int = 16
+    """Videos with a side under this many pixels are skipped as bad_resolution."""
+    max_side: int = 8192
+    """Videos with a side over this many pixels are skipped as bad_resolution (absurd sizes)."""
 
 
 @dataclass
@@ -215,6 +232,8 @@ class OptimConfig:
     """Samples per GPU per forward."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
+    global_batch_size: Optional[int] = None
+    """If set, must equal micro_batch_size x grad_accum_steps x world size (checked at launch)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up."""
 
@@ -247,12 +266,16 @@ class TrainConfig:
     """Trainer steps (each is one critic or one generator update)."""
     seed: int = 0
     """Base seed; rank r uses seed + r for its generator."""
+    max_nonfinite_in_a_row: int = 10
+    """Stop after this many consecutive updates skipped for a non-finite loss."""
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 500
     """Save every N trainer steps (and at the end)."""
+    export: bool = True
+    """At the end, write the generator consolidated in the diffusers layout to <run_dir>/export/transformer."""
     keep_last: int = 3
     """Step directories kept; older ones are deleted after a complete save."""
     resume: str = "auto"
@@ -275,6 +298,10 @@ class LoggingConfig:
     """Fixed prompts for periodic samples."""
     sample_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds for periodic samples."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s per device for MFU; None = 989 (H100 bf16) on CUDA, 0.077 (measured fp32 CPU) otherwise."""
+    phase_timing: bool = True
+    """Per-phase wall times (synchronizes CUDA at phase edges)."""
 
 
 @dataclass
@@ -295,6 +322,46 @@ class InterpConfig:
     """VIF: the first k of the student's steps run at half frame rate."""
     rope_positions: Literal["contiguous", "stride2"] = "contiguous"
     """Frame positions given to RoPE for half-rate steps."""
+    residual: bool = True
+    """Predict a correction to the average of the two frames (an untrained net is the linear blend)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not given by the paper; torch's default)."""
+    micro_batch_size: Optional[int] = None
+    """Samples per rank per forward; None = batch_size / world size (smaller values accumulate gradients)."""
+    zero_stage: Literal[0, 1, 2] = 1
+    """DeepSpeed ZeRO stage of the interpolator trainer (a small model: stage 1 shards only optimizer states)."""
+
+
+@dataclass
+class ToyTeacherConfig:
+    """Training of the toy world's teacher (engine/toy/teacher.py, launcher/train_teacher.py)."""
+
+    steps: int = 30_000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Clips per step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (after warm-up, cosine decay to lr * min_lr_ratio)."""
+    warmup_steps: int = 500
+    """Linear warm-up."""
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a share of the peak."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    ema_decay: float = 0.999
+    """EMA of the weights; the EMA is what gets exported."""
+    caption_dropout: float = 0.1
+    """Share of samples trained with the empty prompt (unconditional branch for CFG)."""
+    save_every: int = 500
+    """Resumable state written every N steps."""
+    out_dir: str = "runs/toy-teacher"
+    """Training state and logs."""
+    export_dir: str = "engine/assets/toy_teacher"
+    """Where the EMA teacher is exported (diffusers layout)."""
+    seed: int = 0
+    """Seed of the data order, noise and dropout draws."""
 
 
 @dataclass
@@ -311,6 +378,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     interp: InterpConfig = field(default_factory=InterpConfig)
+    toy: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    toy_teacher: ToyTeacherConfig = field(default_factory=ToyTeacherConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -492,6 +561,10 @@ def _validate_data(d: DataConfig, vae: VAEConfig, model: ModelConfig) -> None:
     _require(0 < d.max_bad_fraction <= 1, "data.max_bad_fraction", "must lie in (0, 1]")
     if d.source == "cache":
         _require(d.cache_dir is not None, "data.cache_dir", "is required when data.source=cache")
+    _require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+    _require(1 <= d.min_side <= d.max_side, "data.min_side", f"need 1 <= min_side <= max_side, got {d.min_side}")
+    _require(0 < vae.tile_stride <= vae.tile_size, "vae.tile_stride", "need 0 < tile_stride <= tile_size")
+    _require(vae.tile_size % vae.spatial_stride == 0, "vae.tile_size", f"must be a multiple of {vae.spatial_stride}")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -506,6 +579,7 @@ def _validate_optim(o: OptimConfig) -> None:
 
 def _validate_run(cfg: RunConfig) -> None:
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _require(cfg.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
@@ -513,6 +587,14 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(cfg.text_encoder.max_length >= 1, "text_encoder.max_length", "must be >= 1")
     _require(len(cfg.interp.channels) == 3, "interp.channels", "needs three widths (one per U-Net level)")
     _require(all(c > 0 for c in cfg.interp.channels), "interp.channels", "widths must be positive")
+    _require(cfg.interp.lr > 0, "interp.lr", f"must be positive, got {cfg.interp.lr}")
+    _require(cfg.interp.batch_size >= 1, "interp.batch_size", "must be >= 1")
+    _require(cfg.interp.steps >= 1, "interp.steps", "must be >= 1")
+    _require(cfg.interp.weight_decay >= 0, "interp.weight_decay", "must be >= 0")
+    mb = cfg.interp.micro_batch_size
+    _require(
+        mb is None or 1 <= mb <= cfg.interp.batch_size, "interp.micro_batch_size", "must lie in [1, interp.batch_size]"
+    )
     n_student = len(cfg.diffusion.student_timesteps)
     _require(
         0 <= cfg.interp.half_rate_steps < n_student,
@@ -529,6 +611,21 @@ def validate(cfg: RunConfig) -> None:
     _validate_data(cfg.data, cfg.vae, cfg.model)
     _validate_optim(cfg.optim)
     _validate_run(cfg)
+    _validate_toy(cfg)
+
+
+def _validate_toy(cfg: RunConfig) -> None:
+    try:
+        cfg.toy.validate()
+    except ValueError as exc:
+        raise ConfigError(f"config key `toy`: {exc}") from exc
+    t = cfg.toy_teacher
+    _require(t.steps >= 1, "toy_teacher.steps", "must be >= 1")
+    _require(t.batch_size >= 1, "toy_teacher.batch_size", "must be >= 1")
+    _require(t.lr > 0, "toy_teacher.lr", "must be positive")
+    _require(0 <= t.caption_dropout < 1, "toy_teacher.caption_dropout", "must lie in [0, 1)")
+    _require(0 <= t.ema_decay < 1, "toy_teacher.ema_decay", "must lie in [0, 1)")
+    _require(t.save_every >= 1, "toy_teacher.save_every", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ in float64 (as the official code does) and returned as fp32 cos/sin tables, one 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -32,11 +34,30 @@ def rope_tables(
     frame_positions: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (F * H * W, head_dim // 2), fp32, for a token grid (F, H, W).
+    """cos, sin tables of shape (F * H * W, head_dim // 2), fp32, for a token grid (F, H, W). Cached per shape.
 
     frame_positions: optional (F,) integer positions along time (default 0..F-1); the half-frame-rate sampler can pass
     the stride-2 positions of the kept frames.
     """
+    positions = None if frame_positions is None else tuple(int(p) for p in frame_positions)
+    return _cached_tables(tuple(grid), head_dim, max_seq_len, theta, positions, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_tables(grid, head_dim, max_seq_len, theta, positions, device):
+    pos = None if positions is None else torch.tensor(positions, dtype=torch.long)
+    return _build_tables(grid, head_dim, max_seq_len=max_seq_len, theta=theta, frame_positions=pos, device=device)
+
+
+def _build_tables(
+    grid: tuple[int, int, int],
+    head_dim: int,
+    *,
+    max_seq_len: int = 1024,
+    theta: float = 10000.0,
+    frame_positions: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     f, h, w = grid
     if frame_positions is None:
         frame_positions = torch.arange(f, device=device)

@@ -38,16 +38,21 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer evaluated in fp32 whatever its parameter dtype (official fp32 autocast regions)."""
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)
+class FP32Linear(nn.Linear):
+    """A linear layer evaluated in fp32 whatever its parameter dtype (the official fp32 autocast regions)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
 
 
-def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    w = None if norm.weight is None else norm.weight.float()
-    b = None if norm.bias is None else norm.bias.float()
-    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -104,7 +109,7 @@ class WanBlock(nn.Module):
         d = cfg.dim
         self.eps = cfg.eps
         self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
-        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=cfg.cross_attn_norm)
+        self.norm3 = FP32LayerNorm(d, eps=cfg.eps, elementwise_affine=cfg.cross_attn_norm)
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
@@ -115,16 +120,24 @@ class WanBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(1)  # each (B, 1, D)
         y = self.self_attn(ops["adaln"](x, shift_a, scale_a, self.eps), cos, sin, ops, backend)
         x = ops["residual"](x, y, gate_a)
-        x = x + self.cross_attn(_fp32_layer_norm(x, self.norm3), ctx, backend)
+        x = x + self.cross_attn(self.norm3(x), ctx, backend)
         y = self.ffn(ops["adaln"](x, shift_f, scale_f, self.eps))
         return ops["residual"](x, y, gate_f)
 
 
 class Head(nn.Module):
-    def __init__(self, dim: int, out_features: int):
+    """Output adaLN (from e, not e0, and no SiLU: WAN_SPEC.md 1.2) and the projection to patch pixels."""
+
+    def __init__(self, dim: int, out_features: int, eps: float):
         super().__init__()
+        self.eps = eps
         self.head = nn.Linear(dim, out_features)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, ops: dict) -> torch.Tensor:
+        """x: (B, N, D); e: (B, D) fp32 -> (B, N, out_features)."""
+        shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)  # each (B, 1, D)
+        return self.head(ops["adaln"](x, shift, scale, self.eps))
 
 
 class WanModel(nn.Module):
@@ -137,10 +150,10 @@ class WanModel(nn.Module):
         d, p = cfg.dim, tuple(cfg.patch_size)
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=p, stride=p)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
-        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.time_embedding = nn.Sequential(FP32Linear(cfg.freq_dim, d), nn.SiLU(), FP32Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), FP32Linear(d, 6 * d))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
-        self.head = Head(d, cfg.out_dim * math.prod(p))
+        self.head = Head(d, cfg.out_dim * math.prod(p), cfg.eps)
         self.gradient_checkpointing = cfg.gradient_checkpointing
 
     # -- set-up ------------------------------------------------------------------------------------------------------
@@ -160,7 +173,13 @@ class WanModel(nn.Module):
 
     @property
     def kernel_ops(self) -> dict:
-        return _REFERENCE if self.cfg.fused_kernels == "off" else _FUSED
+        return _FUSED if self.cfg.fused_kernels else _REFERENCE
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module's forward reads a parameter owned by a child whose forward it
+        does not call: the q/k RMSNorm weights, consumed by the fused qk-norm + RoPE op inside SelfAttention.
+        ZeRO-3 must gather them with that module (deepspeed.zero.register_external_parameter)."""
+        return [(b.self_attn, w) for b in self.blocks for w in (b.self_attn.norm_q.weight, b.self_attn.norm_k.weight)]
 
     def num_tokens(self, latent_shape: tuple[int, int, int]) -> int:
         """Tokens of a (F, H, W) latent."""
@@ -186,10 +205,8 @@ class WanModel(nn.Module):
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) timesteps -> e (B, D) and e0 (B, 6, D), both fp32."""
-        s = sinusoidal_embedding(t, self.cfg.freq_dim)
-        lin1, _, lin2 = self.time_embedding
-        e = _fp32_linear(lin2, F.silu(_fp32_linear(lin1, s)))  # (B, D)
-        e0 = _fp32_linear(self.time_projection[1], F.silu(e))  # (B, 6D)
+        e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim))  # (B, D) fp32
+        e0 = self.time_projection(e)  # (B, 6D) fp32
         return e, e0.unflatten(1, (6, self.cfg.dim))  # (B, 6, D)
 
     def forward(
@@ -223,8 +240,7 @@ class WanModel(nn.Module):
                 tokens = checkpoint(block, tokens, e0, ctx, cos, sin, ops, backend, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, ctx, cos, sin, ops, backend)
-        shift, scale = (self.head.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)  # each (B, 1, D)
-        out = self.head.head(ops["adaln"](tokens, shift, scale, self.cfg.eps))  # (B, N, pt*ph*pw*C)
+        out = self.head(tokens, e, ops)  # (B, N, pt*ph*pw*C)
         return self.unpatchify(out, grid).to(x.dtype)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -139,3 +139,16 @@ def test_bf16_parameters_keep_fp32_modulation():
         out = model.to(torch.bfloat16)(x.bfloat16(), t, ctx.bfloat16())
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+
+def test_flops_match_wan_spec_table():
+    """WAN_SPEC.md section 8: ~283 TFLOPs (71% attention) for 1.3B and ~1.68 PFLOPs (53%) for 14B at 832x480x81."""
+    from engine.models.flops import dit_forward_flops
+
+    small = dit_forward_flops(model_preset("wan2.1-1.3b"), (21, 60, 104), 512)
+    big = dit_forward_flops(model_preset("wan2.1-14b"), (21, 60, 104), 512)
+    assert small["tokens"] == 32760
+    assert small["total"] / 1e12 == pytest.approx(283, rel=0.01)
+    assert small["attention"] / small["total"] == pytest.approx(0.71, abs=0.01)
+    assert big["total"] / 1e15 == pytest.approx(1.68, rel=0.01)
+    assert big["attention"] / big["total"] == pytest.approx(0.53, abs=0.01)

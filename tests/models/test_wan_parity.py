@@ -47,7 +47,7 @@ def _pair(case: dict) -> tuple[WanTransformer3DModel, ModelConfig]:
         text_dim=case["text"],
         rope_max_seq_len=64,
         gradient_checkpointing=False,
-        fused_kernels="off",
+        fused_kernels=False,
     )
     return ref, cfg
 

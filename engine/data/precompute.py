@@ -1,0 +1,112 @@
+"""Cache building for ``launcher/precompute.py``: text embeddings and/or latents of a manifest, rank-parallel.
+
+Each rank writes its own shards (``cache.rank_shards``) and skips those already on disk, so the same command resumes
+a killed run, and runs on any number of ranks (``RANK``/``WORLD_SIZE`` from torchrun, or given). The rank that
+finishes last finds every shard present and writes ``index.json``; earlier ranks log that they wait for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from engine.data.cache import CacheError, precompute_latents, precompute_text, write_index
+from engine.data.manifest import load_manifest
+
+logger = logging.getLogger("engine.data")
+
+
+def _fingerprints(cfg: Any, manifest_path: str, num_entries: int, shard_size: dict[str, int]) -> dict[str, dict]:
+    d, te, vae = cfg.data, cfg.text_encoder, cfg.vae
+    common = {"manifest": os.path.abspath(manifest_path), "num_entries": num_entries}
+    return {
+        "text": {
+            **common,
+            "model": os.path.abspath(te.path or ""),
+            "max_length": te.max_length,
+            "shard_size": shard_size["text"],
+        },
+        "latents": {
+            **common,
+            "model": os.path.abspath(vae.path or ""),
+            "num_frames": d.num_frames,
+            "fps": d.fps,
+            "height": d.height,
+            "width": d.width,
+            "shard_size": shard_size["latents"],
+        },
+    }
+
+
+def _try_index(cache_dir: str, kind: str, num_entries: int, shard_size: int) -> bool:
+    try:
+        write_index(cache_dir, kind, num_entries, shard_size)
+    except CacheError as exc:
+        logger.info("%s cache: index not written yet (%s)", kind, exc)
+        return False
+    return True
+
+
+def run_precompute(
+    cfg: Any,
+    *,
+    kinds: Sequence[str] = ("text", "latents"),
+    rank: int = 0,
+    world_size: int = 1,
+    text_shard_size: int = 256,
+    latent_shard_size: int = 64,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, bool]:
+    """Build the requested caches of ``cfg.data.manifest`` into ``cfg.data.cache_dir``; returns {kind: index done}."""
+    from engine.data.reader import build_reader
+    from engine.data.text import UMT5TextEncoder
+    from engine.data.vae import WanVAE
+
+    d = cfg.data
+    if not d.manifest or not d.cache_dir:
+        raise ValueError("precompute needs data.manifest and data.cache_dir")
+    manifest = load_manifest(d.manifest, d.root)
+    if not manifest.entries:
+        raise ValueError(f"{d.manifest}: no usable row ({manifest.skipped.summary()})")
+    sizes = {"text": text_shard_size, "latents": latent_shard_size}
+    prints = _fingerprints(cfg, d.manifest, len(manifest), sizes)
+    done = {}
+    if "text" in kinds:
+        encoder = UMT5TextEncoder.from_config(cfg.text_encoder, device)
+        precompute_text(
+            manifest.entries,
+            encoder,
+            d.cache_dir,
+            fingerprint=prints["text"],
+            shard_size=sizes["text"],
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
+        )
+        done["text"] = _try_index(d.cache_dir, "text", len(manifest), sizes["text"])
+        del encoder
+    if "latents" in kinds:
+        codec = WanVAE.from_config(cfg.vae, device)
+        reader = build_reader(manifest.entries, d, batch_size=batch_size, rank=rank, world_size=world_size)
+        precompute_latents(
+            reader,
+            codec,
+            d.cache_dir,
+            fingerprint=prints["latents"],
+            shard_size=sizes["latents"],
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
+        )
+        done["latents"] = _try_index(d.cache_dir, "latents", len(manifest), sizes["latents"])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return done

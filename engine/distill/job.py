@@ -1,0 +1,64 @@
+"""A distillation job end to end: process group, config checks, roles, the world (data + sampling), the loop, export.
+
+The world (toy or Wan) is supplied by a factory so that the job never branches on where its data comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import ConfigError, RunConfig, resolve_dtype, save_config
+from engine.distill import dist
+from engine.distill.data import TrainSource
+from engine.distill.export import export_diffusers
+from engine.distill.method import DMDMethod
+from engine.distill.roles import build_roles, resolve_model_config
+from engine.distill.trainer import Trainer
+
+
+@dataclass
+class World:
+    source: TrainSource
+    """Per-rank batches: prompts for the DMD branch, real latents + captions for regression."""
+    uncond: torch.Tensor
+    """(1, L, D) embedding of the negative prompt."""
+    latent_shape: tuple[int, int, int, int]
+    """(C, F, H, W) of generated latents."""
+    sampler: Callable[[torch.nn.Module, int], None] | None = None
+    """Writes sample videos from the generator module at a step (collective under ZeRO-3)."""
+
+
+WorldFactory = Callable[[RunConfig, torch.device], World]
+
+
+def check_world_size(cfg: RunConfig, world_size: int) -> None:
+    """The batch arithmetic must close: global = micro x accumulation x ranks."""
+    o = cfg.optim
+    per_step = o.micro_batch_size * o.grad_accum_steps * world_size
+    if o.global_batch_size is not None and o.global_batch_size != per_step:
+        raise ConfigError(
+            f"config key `optim.global_batch_size`: {o.global_batch_size} != micro_batch_size {o.micro_batch_size}"
+            f" x grad_accum_steps {o.grad_accum_steps} x world size {world_size} = {per_step}"
+        )
+
+
+def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> dict:
+    """Run (or resume) a distillation job. Returns the trainer's summary on every rank."""
+    model_cfg = resolve_model_config(cfg)  # fails on a bad checkpoint path or architecture before anything is built
+    dist.init()
+    check_world_size(cfg, dist.world_size())
+    device = dist.device()
+    if dist.is_main():
+        save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+    world = make_world(cfg, device)  # data problems surface here, still before any model is built
+    roles = build_roles(cfg, model_cfg, resolve_dtype(cfg))
+    method = DMDMethod(cfg, roles, world.uncond, world.latent_shape, device)
+    gen = roles.generator.module
+    sampler = (lambda step: world.sampler(gen, step)) if world.sampler else None
+    exporter = lambda out: export_diffusers(gen, model_cfg, out)  # noqa: E731
+    trainer = Trainer(cfg, method, world.source, sampler=sampler, exporter=exporter, on_step=on_step)
+    return trainer.run()

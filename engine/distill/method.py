@@ -1,0 +1,188 @@
+"""The distillation method (paper Algorithm 1): DMD2 with the adaptive regression and temporal regularization losses.
+
+The method owns the roles and the losses; the trainer loop (engine/distill/trainer.py) only decides which step runs
+when. Every random draw takes an explicit generator: ``rng`` (per rank: noise, timesteps) and ``shared`` (identical on
+every rank: the backward-simulation exit step, because under ZeRO-3 every rank must run the same number of forwards).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from engine.config import RunConfig
+from engine.diffusion.flow import FlowSchedule
+from engine.diffusion.samplers import guided_velocity
+from engine.distill import dist
+from engine.distill.data import Batch
+from engine.distill.roles import Roles
+from engine.losses import AdaptiveRegressionLoss, critic_flow_loss, dmd_loss, temporal_regularization
+from engine.models.flops import dit_forward_flops
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (CUDA synchronized at phase edges when enabled)."""
+
+    def __init__(self, sync: bool):
+        self.sync = sync and torch.cuda.is_available()
+        self.times: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.times[phase] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = dict(self.times), defaultdict(float)
+        return out
+
+
+class DMDMethod:
+    def __init__(self, cfg: RunConfig, roles: Roles, uncond_context: torch.Tensor, latent_shape, device):
+        self.cfg, self.roles, self.device = cfg, roles, device
+        self.uncond = uncond_context.to(device)  # (1, L, D)
+        self.latent_shape = tuple(latent_shape)  # (C, F, H, W)
+        d = cfg.diffusion
+        self.schedule = FlowSchedule(d.num_train_timesteps, d.shift)
+        self.sigmas = self.schedule.student_sigmas(d.student_timesteps).to(device)  # (K,)
+        r = cfg.method.regression
+        self.regression = AdaptiveRegressionLoss(len(d.student_timesteps), r.k, r.ema_decay, r.adaptive).to(device)
+        self.timer = PhaseTimer(sync=cfg.logging.phase_timing)
+        fwd = dit_forward_flops(roles.model_cfg, self.latent_shape[1:], self.uncond.shape[1])
+        self.flops_per_forward, self.tokens_per_sample = fwd["total"], fwd["tokens"]
+        self.flops = 0.0  # model FLOPs executed since the last pop_flops() (forward 1x, forward+backward 3x)
+
+    def _count(self, samples: int, passes: float) -> None:
+        self.flops += samples * passes * self.flops_per_forward
+
+    def pop_flops(self) -> float:
+        out, self.flops = self.flops, 0.0
+        return out
+
+    # -- schedule --------------------------------------------------------------------------------------------------
+
+    def is_generator_step(self, step: int) -> bool:
+        """DMD2's two-timescale rule: the critic updates every step, the generator every critic_per_generator-th."""
+        return step % self.cfg.method.critic_per_generator == 0
+
+    # -- pieces ----------------------------------------------------------------------------------------------------
+
+    def _noise(self, shape, rng: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=rng, device=rng.device).to(self.device)
+
+    def _x0(self, model, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x0 prediction of a velocity model at per-sample sigma (B,)."""
+        v = model(x, self.schedule.timestep(sigma), context)
+        return self.schedule.x0_from_velocity(x, v.float(), sigma)
+
+    def _rollout_input(self, prompts: torch.Tensor, rng, shared) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward simulation (DMD2): run the student schedule without gradient up to a random step k; return the
+        noisy input x_{t_k} (B, C, F, H, W) and its sigma (B,) for the step that will carry gradient."""
+        b, g = prompts.shape[0], self.roles.generator.module
+        k = int(torch.randint(len(self.sigmas), (1,), generator=shared))  # identical on every rank
+        x = self._noise((b, *self.latent_shape), rng)
+        self._count(b * k, 1)
+        with torch.no_grad():
+            for i in range(k):
+                x0 = self._x0(g, x, self.sigmas[i].expand(b), prompts)
+                x = self.schedule.add_noise(x0, self._noise(x0.shape, rng), self.sigmas[i + 1].expand(b))
+        return x, self.sigmas[k].expand(b)
+
+    def _draw_sigma(self, b: int, rng) -> torch.Tensor:
+        d = self.cfg.diffusion
+        return self.schedule.sample_sigmas(b, rng, lo=d.dmd_timestep_min, hi=d.dmd_timestep_max, device=self.device)
+
+    @torch.no_grad()
+    def _scores(self, x: torch.Tensor, prompts: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher (CFG) and critic x0 predictions on a re-noised copy of generator samples x."""
+        d, b = self.cfg.diffusion, x.shape[0]
+        sigma = self._draw_sigma(b, rng)
+        x_t = self.schedule.add_noise(x, self._noise(x.shape, rng), sigma)
+        t = self.schedule.timestep(sigma)
+        uncond = self.uncond.expand(b, -1, -1)
+        cfg_passes = 2 if d.guidance_scale != 0 or d.guidance_form != "standard" else 1
+        self._count(b, cfg_passes + (2 if self.cfg.method.fake_guidance_scale > 0 else 1))
+        with self.timer("teacher"):
+            v_real = guided_velocity(
+                self.roles.teacher.module, x_t, t, prompts, uncond, d.guidance_scale, d.guidance_form
+            )
+        with self.timer("critic_eval"):
+            critic, scale = self.roles.critic.module, self.cfg.method.fake_guidance_scale
+            v_fake = guided_velocity(critic, x_t, t, prompts, uncond, scale) if scale > 0 else critic(x_t, t, prompts)
+        x0 = lambda v: self.schedule.x0_from_velocity(x_t, v.float(), sigma)  # noqa: E731
+        return x0(v_real), x0(v_fake)
+
+    # -- the two updates -------------------------------------------------------------------------------------------
+
+    def generator_losses(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict]:
+        """L_G = L_DMD + w_reg * w * L_reg + w_temp * L_temp (Eq. 9) from one generator forward over both branches."""
+        m = self.cfg.method
+        with self.timer("rollout"):
+            x_k, s_k = self._rollout_input(batch.prompts, rng, shared)
+        inputs, sigmas, contexts = [x_k], [s_k], [batch.prompts]
+        use_reg = m.regression.enabled and batch.real_latents is not None
+        if use_reg:
+            y = batch.real_latents.float()
+            t_idx = torch.randint(len(self.sigmas), (y.shape[0],), generator=rng, device=rng.device).to(self.device)
+            y_sigma = self.sigmas[t_idx]
+            inputs.append(self.schedule.add_noise(y, self._noise(y.shape, rng), y_sigma))
+            sigmas.append(y_sigma)
+            contexts.append(batch.real_context)
+        self._count(sum(i.shape[0] for i in inputs), 3)
+        with self.timer("generator_forward"):
+            x0 = self._x0(self.roles.generator, torch.cat(inputs), torch.cat(sigmas), torch.cat(contexts))
+        x = x0[: x_k.shape[0]]  # generator samples, DMD branch (B, C, F, H, W)
+        zero = x.new_zeros(())
+        metrics: dict[str, torch.Tensor] = {}
+        loss_dmd = zero
+        if m.dmd.enabled:
+            real_x0, fake_x0 = self._scores(x.detach(), batch.prompts, rng)
+            loss_dmd, grad = dmd_loss(x, real_x0, fake_x0)
+            metrics["dmd_grad_norm"] = grad.norm()
+        loss_temp, variance = temporal_regularization(x, m.temporal.eps, m.temporal.power, m.temporal.tau)
+        if not m.temporal.enabled:
+            loss_temp = zero
+        loss_reg = zero
+        if use_reg:
+            with self.timer("regression"):
+                loss_reg, info = self.regression(x0[x_k.shape[0] :], y, t_idx, dist.all_reduce_sum)
+            metrics.update(reg_weight_mean=info["weights"].mean(), reg_loss_raw=info["per_sample"].mean())
+            for k, t in enumerate(self.cfg.diffusion.student_timesteps):
+                sel = (t_idx == k).float()  # mean adaptive weight of this timestep's samples (0 when none)
+                metrics[f"reg_weight/t{t:g}"] = (info["weights"] * sel).sum() / sel.sum().clamp(min=1)
+        total = m.dmd.weight * loss_dmd + m.regression.weight * loss_reg + m.temporal.weight * loss_temp
+        metrics.update(loss_dmd=loss_dmd.detach(), loss_reg=loss_reg.detach(), loss_temp=loss_temp.detach())
+        metrics.update(temporal_variance=variance.detach(), loss_generator=total.detach())
+        return total, metrics
+
+    def critic_loss(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict]:
+        """Flow matching of the critic on fresh generator samples (Eq. 2)."""
+        with self.timer("rollout"):
+            x_k, s_k = self._rollout_input(batch.prompts, rng, shared)
+            with torch.no_grad():
+                x = self._x0(self.roles.generator.module, x_k, s_k, batch.prompts)
+        self._count(x.shape[0], 1 + 3)  # the sample, then the critic's forward + backward
+        sigma = self._draw_sigma(x.shape[0], rng)
+        noise = self._noise(x.shape, rng)
+        with self.timer("critic_forward"):
+            v = self.roles.critic(
+                self.schedule.add_noise(x, noise, sigma), self.schedule.timestep(sigma), batch.prompts
+            )
+        loss = critic_flow_loss(v, x, noise)
+        return loss, {"loss_critic": loss.detach()}
+
+    # -- state -----------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"regression": self.regression.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.regression.load_state_dict(state["regression"])

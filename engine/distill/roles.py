@@ -1,0 +1,130 @@
+"""The three roles of DMD2 on DeepSpeed: a frozen teacher, the generator and the critic, all one WanModel class,
+all initialized from the teacher checkpoint, each its own DeepSpeed engine (ZeRO-3 partitions every one of them).
+
+Weights stream from safetensors one tensor at a time; under ZeRO-3 each tensor is written into the partitioned
+parameters of all three models inside one ``GatheredParameters`` (rank 0 writes, DeepSpeed re-partitions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from safetensors import safe_open
+
+from engine.config import ConfigError, ModelConfig, RunConfig, deepspeed_config
+from engine.distill import dist
+from engine.models.checkpoint import (
+    CheckpointError,
+    checkpoint_keys,
+    detect_layout,
+    read_model_config,
+    to_official_key,
+    weight_files,
+)
+from engine.models.wan import WanModel
+
+ARCH_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "patch_size")
+RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len")
+
+
+def _arch(cfg: ModelConfig) -> dict:
+    return {f: tuple(getattr(cfg, f)) if f == "patch_size" else getattr(cfg, f) for f in ARCH_FIELDS}
+
+
+def resolve_model_config(cfg: RunConfig) -> ModelConfig:
+    """The architecture read from the teacher checkpoint, checked against the run config, with runtime settings
+    (attention backend, checkpointing, kernels) from the run config. Raises ConfigError before anything is built."""
+    path = cfg.model.checkpoint
+    if path is None:
+        raise ConfigError("config key `model.checkpoint`: the teacher weights path is required for distillation")
+    try:
+        ckpt = read_model_config(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"config key `model.checkpoint`: {exc}") from exc
+    want, have = _arch(cfg.model), _arch(ckpt)
+    diff = {k: (want[k], have[k]) for k in ARCH_FIELDS if want[k] != have[k]}
+    if diff:
+        detail = ", ".join(f"model.{k}: config {a} vs checkpoint {b}" for k, (a, b) in diff.items())
+        raise ConfigError(f"config key `model`: the run config's architecture differs from {path}: {detail}")
+    return dataclasses.replace(ckpt, **{f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}, preset=cfg.model.preset)
+
+
+@dataclass
+class Roles:
+    teacher: deepspeed.DeepSpeedEngine
+    generator: deepspeed.DeepSpeedEngine
+    critic: deepspeed.DeepSpeedEngine
+    model_cfg: ModelConfig
+
+
+def _zero3(ds_cfg: dict) -> bool:
+    return ds_cfg["zero_optimization"]["stage"] == 3
+
+
+def _construct(model_cfg: ModelConfig, ds_cfg: dict, dtype: torch.dtype) -> WanModel:
+    # dtype comes from the DeepSpeed config, never zero.Init(dtype=...) (DESIGN.md 5: fp32 requests become bf16 on CPU)
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=_zero3(ds_cfg)):
+        model = WanModel(model_cfg)
+    if not _zero3(ds_cfg):
+        return model.to(dtype)
+    for module, param in model.external_parameters():  # gathered with the module that reads them, and prefetched
+        deepspeed.zero.register_external_parameter(module, param)
+    return model
+
+
+@torch.no_grad()
+def load_into(models: list[torch.nn.Module], path: str) -> None:
+    """Copy the checkpoint at ``path`` into every model (partitioned or not), one tensor at a time."""
+    layout = detect_layout(checkpoint_keys(path))
+    params = [dict(m.named_parameters()) for m in models]
+    missing, unexpected = set(params[0]), []
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                name = to_official_key(key, layout)
+                if name not in params[0]:
+                    unexpected.append(key)
+                    continue
+                targets = [p[name] for p in params]
+                shape, want = (
+                    tuple(f.get_slice(key).get_shape()),
+                    tuple(getattr(targets[0], "ds_shape", targets[0].shape)),
+                )
+                if shape != want:  # checked on every rank before any collective, so no rank is left waiting
+                    raise CheckpointError(f"{path}: {key} has shape {shape}, the model expects {want}")
+                with deepspeed.zero.GatheredParameters(targets, modifier_rank=0):
+                    if dist.is_main():
+                        tensor = f.get_tensor(key)
+                        for t in targets:
+                            t.copy_(tensor)
+                missing.discard(name)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {sorted(missing)[:20]}, unexpected keys {unexpected[:20]}")
+
+
+def _adamw(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_roles(cfg: RunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> Roles:
+    """Teacher (frozen, no optimizer), generator and critic (AdamW each) as DeepSpeed engines."""
+    ds_cfg = deepspeed_config(cfg, dist.world_size())
+    teacher_cfg = dataclasses.replace(model_cfg, gradient_checkpointing=False)  # never back-propagated
+    teacher = _construct(teacher_cfg, ds_cfg, dtype)
+    generator = _construct(model_cfg, ds_cfg, dtype)
+    critic = _construct(model_cfg, ds_cfg, dtype)
+    load_into([teacher, generator, critic], cfg.model.checkpoint)
+    teacher.requires_grad_(False).eval()
+    gen_engine, *_ = deepspeed.initialize(
+        model=generator, optimizer=_adamw(generator, cfg, cfg.optim.lr), config=ds_cfg
+    )
+    critic_engine, *_ = deepspeed.initialize(
+        model=critic, optimizer=_adamw(critic, cfg, cfg.optim.critic_lr), config=ds_cfg
+    )
+    teacher_engine, *_ = deepspeed.initialize(model=teacher, config=ds_cfg)
+    return Roles(teacher_engine, gen_engine, critic_engine, model_cfg)

@@ -1,0 +1,64 @@
+"""Sampling on the toy world for evaluation: teacher (Euler + CFG) and student (few-step) videos from prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.diffusion.flow import FlowSchedule
+from engine.diffusion.samplers import sample_student, sample_teacher
+from engine.toy.codec import ToyCodec
+
+
+def _batched(fn: Callable, context: torch.Tensor, shape: tuple, seed: int, batch: int) -> torch.Tensor:
+    """Run fn(noise, context_chunk, generator) over chunks; noise of sample i depends only on (seed, i)."""
+    outs = []
+    for start in range(0, context.shape[0], batch):
+        ctx = context[start : start + batch]
+        noise = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + start + i))
+                for i in range(len(ctx))
+            ]
+        )
+        outs.append(fn(noise, ctx, torch.Generator().manual_seed(seed + start)))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def teacher_latents(
+    model,
+    context,
+    uncond,
+    latent_shape,
+    schedule: FlowSchedule,
+    *,
+    steps=50,
+    scale=5.0,
+    form="standard",
+    seed=0,
+    batch=64,
+) -> torch.Tensor:
+    """(N, C, F, h, w) latents from the teacher sampler for each row of context (N, L, D)."""
+
+    def fn(noise, ctx, _g):
+        return sample_teacher(model, noise, ctx, uncond.expand(len(ctx), -1, -1), schedule, steps, scale, form)
+
+    return _batched(fn, context, latent_shape, seed, batch)
+
+
+@torch.no_grad()
+def student_latents(model, context, latent_shape, schedule: FlowSchedule, timesteps, *, seed=0, batch=64):
+    """(N, C, F, h, w) latents from the few-step student sampler."""
+
+    def fn(noise, ctx, g):
+        return sample_student(model, noise, ctx, schedule, timesteps, g)
+
+    return _batched(fn, context, latent_shape, seed, batch)
+
+
+@torch.no_grad()
+def decode(codec: ToyCodec, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """(N, 3, T, H, W) pixels in [-1, 1]."""
+    return torch.cat([codec.decode(latents[i : i + batch]) for i in range(0, latents.shape[0], batch)])

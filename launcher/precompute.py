@@ -1,0 +1,54 @@
+"""Precompute text-embedding and latent caches for a manifest.
+
+    python -m launcher.precompute --config configs/wan2.1-1.3b.yaml data.manifest=m.jsonl data.cache_dir=cache/
+    torchrun --nproc_per_node 8 -m launcher.precompute --config ... --kinds latents   # one rank per GPU
+
+Re-running the same command resumes (finished shards are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run config YAML (data, text_encoder and vae sections are used)")
+    parser.add_argument("--kinds", nargs="+", default=["text", "latents"], choices=["text", "latents"])
+    parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--text-shard-size", type=int, default=256, help="prompts per text shard")
+    parser.add_argument("--latent-shard-size", type=int, default=64, help="clips per latent shard")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts or clips encoded at once")
+    parser.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> when CUDA is present, else cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.cache_dir=cache/")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from engine.config import load_config
+    from engine.data.precompute import run_precompute
+
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    cfg = load_config(args.config, args.overrides)
+    done = run_precompute(
+        cfg,
+        kinds=args.kinds,
+        rank=args.rank,
+        world_size=args.world_size,
+        text_shard_size=args.text_shard_size,
+        latent_shard_size=args.latent_shard_size,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+    )
+    for kind, ok in done.items():
+        print(f"{kind}: {'index written' if ok else 'shards written; index pending other ranks'}")
+
+
+if __name__ == "__main__":
+    main()

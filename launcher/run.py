@@ -1,0 +1,44 @@
+"""Distill a Wan2.1 teacher into a few-step student (DMD2 + adaptive regression + temporal regularization).
+
+    deepspeed launcher/run.py --config configs/wan2.1-1.3b-24gpu.yaml [key=value ...]
+    deepspeed --hostfile hostfile launcher/run.py --config configs/wan2.1-14b-24gpu.yaml
+    torchrun --nproc_per_node 2 launcher/run.py --config configs/toy.yaml        # CPU, gloo
+
+Re-running the same command resumes from <logging.run_dir>/checkpoints/latest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.config import ConfigError, load_config
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML recipe (configs/)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from deepspeed
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 train.max_steps=100")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from engine.distill.job import run_distillation
+        from engine.distill.worlds import world_factory
+
+        summary = run_distillation(cfg, world_factory(cfg))
+    except ConfigError as exc:
+        print(f"run: {exc}", file=sys.stderr)
+        return 2
+    print(f"finished at step {summary['step']}; skipped updates: {summary['skipped']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
