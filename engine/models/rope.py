@@ -46,18 +46,10 @@ def rope_tables(
 @functools.lru_cache(maxsize=64)
 def _cached_tables(grid, head_dim, max_seq_len, theta, positions, device):
     pos = None if positions is None else torch.tensor(positions, dtype=torch.long)
-    return _build_tables(grid, head_dim, max_seq_len=max_seq_len, theta=theta, frame_positions=pos, device=device)
+    return _build_tables(grid, head_dim, max_seq_len, theta, pos, device)
 
 
-def _build_tables(
-    grid: tuple[int, int, int],
-    head_dim: int,
-    *,
-    max_seq_len: int = 1024,
-    theta: float = 10000.0,
-    frame_positions: torch.Tensor | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_tables(grid, head_dim, max_seq_len, theta, frame_positions, device):
     f, h, w = grid
     if frame_positions is None:
         frame_positions = torch.arange(f, device=device)

@@ -1,0 +1,1 @@
+"""Frame-interpolation U-Net training: latent sources, the loop, checkpoints (paper appendix 8)."""

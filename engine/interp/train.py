@@ -1,0 +1,302 @@
+"""Training loop of the frame-interpolation U-Net (paper appendix 8; DESIGN.md section 4).
+
+Per step: take real latents (B, C, F, H, W) with F odd, keep every other frame, predict every dropped frame from its
+two kept neighbours (all pairs of the batch in one call), regress on the true frames. AdamW (betas 0.9, 0.999), batch
+and steps from ``cfg.interp``; data-parallel with DeepSpeed (ZeRO stage ``interp.zero_stage``, client torch AdamW).
+
+The loss is the MSE over the *generated* frames only. The paper regresses against all 21 frames, but the 11 kept frames
+are exact copies (zero error, zero gradient), so its loss is ours times (F - 1) / (2F - 1) = 10/21: the same
+gradient direction, and AdamW's update is invariant to a constant loss scale (up to eps). Ours reads as "MSE of an
+inserted frame" whatever F is. The PSNR logged next to it is on the generated frames too, against the linear blend.
+
+Checkpoints use the distillation trainer's scheme (``engine.distill.checkpoint``: step directories completed atomically,
+``latest``, keep-last-k, per-rank data positions); each step directory also holds the deployable ``interpolator/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from engine.config import RunConfig, save_config
+from engine.distill import checkpoint as ckpt
+from engine.distill import dist
+from engine.interp.data import LatentSource
+from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, save_interpolator
+
+logger = logging.getLogger("engine.interp")
+
+
+@dataclass
+class InterpRun:
+    """What a training run returns: the first and last step, the logged scalars, where rank 0 exported to."""
+
+    step: int
+    start: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    export_dir: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def odd_frames(latents: torch.Tensor) -> torch.Tensor:
+    """Drop the last frame of an even-length clip (2k frames -> 2k - 1), so keep/interpolate returns every frame."""
+    f = latents.shape[2]
+    if f < 3:
+        raise InterpolatorError(f"interpolator training needs clips of at least 3 latent frames, got {f}")
+    return latents if f % 2 else latents[:, :, :-1]
+
+
+def split_batch(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, F, H, W), F odd -> pairs of kept neighbours (B (F-1)/2, 2C, H, W) and the dropped frames (same N, C)."""
+    kept = latents[:, :, ::2]  # (B, C, (F + 1) / 2, H, W)
+    dropped = latents[:, :, 1::2]  # (B, C, (F - 1) / 2, H, W): the frames the interpolator has to produce
+    target = dropped.transpose(1, 2).reshape(-1, *dropped.shape[1:2], *dropped.shape[-2:])  # (N, C, H, W)
+    return frame_pairs(kept), target
+
+
+def latent_psnr(mse: torch.Tensor | float, peak: torch.Tensor | float) -> torch.Tensor:
+    """10 log10(peak^2 / MSE), with the MSE pooled over all generated frames of a batch or a held-out set and the peak
+    the target's range (max - min): latents have no fixed peak value. Pooled, not a mean of per-clip PSNRs: on a static
+    clip the linear blend is exact and its per-clip PSNR unbounded (20% of toy-world clips are static), so a handful of
+    clips would decide a per-clip mean."""
+    mse, peak = torch.as_tensor(mse, dtype=torch.float64), torch.as_tensor(peak, dtype=torch.float64)
+    return 10 * torch.log10(peak.square() / mse.clamp_min(1e-20))
+
+
+def interp_objective(model, latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss (MSE over generated frames) and detached metrics (psnr, psnr_blend, loss_blend) for (B, C, F, H, W)."""
+    pairs, target = split_batch(latents)
+    pred = model(pairs)  # (N, C, H, W)
+    loss = F.mse_loss(pred.float(), target.float())
+    with torch.no_grad():
+        a, b = pairs.chunk(2, dim=1)
+        blend = 0.5 * (a + b)  # the baseline: linear blend of the two neighbours
+        loss_blend = F.mse_loss(blend.float(), target.float())
+        peak = target.max() - target.min()
+        metrics = {
+            "psnr": latent_psnr(loss.detach(), peak).float(),
+            "psnr_blend": latent_psnr(loss_blend, peak).float(),
+            "loss_blend": loss_blend,
+        }
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate(model: InterpUNet, batches, max_batches: int | None = None) -> dict[str, float]:
+    """Held-out MSE and PSNR (pooled over the whole set) of the interpolator and of the linear blend, on
+    (B, C, F, H, W) batches (F >= 3)."""
+    sums, count, lo, hi = {"loss": 0.0, "loss_blend": 0.0}, 0, float("inf"), float("-inf")
+    for i, latents in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        latents = odd_frames(latents)
+        loss, metrics = interp_objective(model, latents)
+        target = latents[:, :, 1::2]  # the generated frames
+        n = target.numel()
+        sums["loss"] += float(loss) * n
+        sums["loss_blend"] += float(metrics["loss_blend"]) * n
+        lo, hi, count = min(lo, float(target.min())), max(hi, float(target.max())), count + n
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out["psnr"] = float(latent_psnr(out["loss"], hi - lo))
+    out["psnr_blend"] = float(latent_psnr(out["loss_blend"], hi - lo))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def micro_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(samples per rank per forward, gradient accumulation steps) for the global ``interp.batch_size``."""
+    b = cfg.interp.batch_size
+    if b % world_size:
+        raise ValueError(f"interp.batch_size={b} is not divisible by the {world_size} data-parallel ranks")
+    per_rank = b // world_size
+    mb = cfg.interp.micro_batch_size or per_rank
+    if per_rank % mb:
+        raise ValueError(f"interp.micro_batch_size={mb} does not divide the {per_rank} samples per rank")
+    return mb, per_rank // mb
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    mb, accum = micro_batch(cfg, world_size)
+    return {
+        "train_batch_size": cfg.interp.batch_size,
+        "train_micro_batch_size_per_gpu": mb,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": {"stage": cfg.interp.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: RunConfig, world_size: int):
+    """DeepSpeed engine over a fresh InterpUNet (channels = the student's model.in_dim) with a client torch AdamW."""
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    i = cfg.interp
+    model = InterpUNet(cfg.model.in_dim, i.channels, residual=i.residual)
+    opt = torch.optim.AdamW(model.parameters(), lr=i.lr, betas=(0.9, 0.999), weight_decay=i.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world_size))
+    return engine
+
+
+def _check_batch(latents: torch.Tensor, in_dim: int) -> torch.Tensor:
+    if latents.ndim != 5 or latents.shape[1] != in_dim:
+        raise InterpolatorError(
+            f"latent batch {tuple(latents.shape)} does not match the interpolator: expected (B, {in_dim}, F, H, W) "
+            f"with {in_dim} = model.in_dim, the student's latent channels"
+        )
+    return odd_frames(latents)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _train_step(engine, it, accum: int, in_dim: int) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``accum`` micro-batches; returns this rank's mean loss and metrics."""
+    totals: dict[str, torch.Tensor] = {}
+    for _ in range(accum):
+        latents = _check_batch(next(it), in_dim).to(engine.device)
+        loss, metrics = interp_objective(engine, latents)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the optimizer on the accumulation boundary only
+        for k, v in {"loss": loss.detach(), **metrics}.items():
+            totals[k] = totals.get(k, 0) + v.float() / accum
+    return totals
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(values)
+    stacked = dist.all_reduce_sum(torch.stack([values[k] for k in keys])) / dist.world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
+class _Logger:
+    """Rank-0 TensorBoard scalars and progress bar; the other ranks get no-ops."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, start: int):
+        on = rank == 0
+        self.writer = None
+        if on and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: drop the events a crashed run logged after the checkpoint it resumes from
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+        disable = not (on and cfg.logging.progress_bar)
+        self.bar = tqdm(total=cfg.interp.steps, initial=start, disable=disable, desc="interp", unit="step")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"interp/{k}", v, step)
+        self.bar.set_postfix(
+            loss=f"{scalars['loss']:.4g}", psnr=f"{scalars['psnr']:.2f}", blend=f"{scalars['psnr_blend']:.2f}"
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+ENGINE_TAG = "unet"  # the DeepSpeed engine's directory inside a step checkpoint
+
+
+def _resume(cfg: RunConfig, engine, source: LatentSource, save_dir: Path) -> int:
+    """Load the checkpoint ``checkpoint.resume`` names (auto: the newest complete one); returns its step or 0."""
+    path = ckpt.find_resume(save_dir, cfg.checkpoint.resume)
+    if path is None:
+        return 0
+    shared, mine = ckpt.load(path, {ENGINE_TAG: engine})
+    source.load_state_dict(mine["source"])  # this rank's data position
+    logger.info("resumed from %s at step %d", path, shared["step"])
+    return int(shared["step"])
+
+
+def _save(cfg: RunConfig, engine, source: LatentSource, save_dir: Path, step: int) -> None:
+    """Collective checkpoint (engine.distill.checkpoint: atomic, keep-last-k), then the deployable export inside it."""
+    state = {"source": source.state_dict()}
+    final = ckpt.save(save_dir, step, {ENGINE_TAG: engine}, {"step": step}, state, cfg.checkpoint.keep_last)
+    if dist.is_main():
+        save_interpolator(engine.module, final / "interpolator")
+    dist.barrier()
+
+
+def train_interp(cfg: RunConfig, source: LatentSource, *, export_dir: str | Path | None = None) -> InterpRun:
+    """Train for ``cfg.interp.steps`` optimizer steps (resuming per ``cfg.checkpoint.resume``); export at the end.
+
+    ``source`` yields this rank's micro-batches (see :func:`micro_batch`). Checkpoints go to
+    ``<logging.run_dir>/checkpoints`` every ``checkpoint.every_steps`` steps and at the end; the deployable
+    interpolator (safetensors + config.json) to ``export_dir`` (default ``<run_dir>/interpolator``).
+    """
+    dist.init()
+    rank, world = dist.rank(), dist.world_size()
+    run_dir = Path(cfg.logging.run_dir)
+    save_dir = run_dir / "checkpoints"
+    _, accum = micro_batch(cfg, world)
+    engine = build_engine(cfg, world)
+    start = _resume(cfg, engine, source, save_dir)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    log, run = _Logger(cfg, run_dir, rank, start), InterpRun(step=start, start=start)
+    it, t0, steps = iter(source), time.perf_counter(), cfg.interp.steps
+    for step in range(start + 1, steps + 1):
+        totals = _train_step(engine, it, accum, cfg.model.in_dim)
+        run.step = step
+        if step % cfg.logging.log_every == 0 or step == steps:
+            scalars = _mean_over_ranks(totals)
+            scalars["samples_per_s"] = cfg.interp.batch_size * (step - start) / (time.perf_counter() - t0)
+            run.history.append({"step": step, **scalars})
+            log.log(step, scalars)
+        if step % cfg.checkpoint.every_steps == 0 or step == steps:
+            _save(cfg, engine, source, save_dir, step)
+        log.bar.update(1)
+    log.close()
+    if rank == 0 and start < steps:
+        run.export_dir = save_interpolator(engine.module, export_dir or run_dir / "interpolator")
+    dist.barrier()
+    return run
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    latents: str | Path | None = None,
+    synthetic: tuple[int, int, int] | None = None,
+    online: bool = False,
+    export_dir: str | Path | None = None,
+) -> InterpRun:
+    """Entry point of ``launcher/train_interp.py``: one of a latent directory/cache, synthetic (F, H, W) patterns with
+    model.in_dim channels, or online encoding of ``cfg.data``; then :func:`train_interp`."""
+    from engine.interp import data
+
+    if sum((latents is not None, synthetic is not None, online)) != 1:
+        raise ValueError("give exactly one latent source: a latent directory, synthetic (F, H, W), or online")
+    dist.init()
+    rank, world = dist.rank(), dist.world_size()
+    mb, _ = micro_batch(cfg, world)
+    common = dict(batch_size=mb, rank=rank, world_size=world, seed=cfg.train.seed)
+    if latents is not None:
+        source = data.open_latents(latents, **common)
+    elif synthetic is not None:
+        source = data.SyntheticLatents(cfg.model.in_dim, *synthetic, **common)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        source = data.online_latents(cfg, **common, device=device)
+    return train_interp(cfg, source, export_dir=export_dir)
