@@ -15,6 +15,11 @@ Text shards hold ``emb`` (n, L, dim) trimmed to the shard's longest prompt (re-p
 bf16 per prompt would waste most of the disk), ``lengths`` (n,), ``index`` (n,); captions are in the metadata.
 Latent shards hold ``latents`` (n, C, F, h, w) and ``index`` (n,) of the rows whose video decoded; the others are
 listed with their skip reason.
+
+``text/negative.safetensors`` holds the negative prompt's embedding (``emb`` (1, len, dim) trimmed, ``lengths`` (1,)),
+with the prompt string, ``max_length`` and the text fingerprint in its metadata: training from the cache needs it for
+classifier-free guidance, and loading umT5-XXL (11 GB) for one prompt would defeat the cache. It is not a shard (the
+index ignores it); a cache made before it existed gets it from a re-run of ``launcher/precompute.py --kinds text``.
 """
 
 from __future__ import annotations
@@ -213,10 +218,58 @@ def write_index(cache_dir: str | os.PathLike, kind: str, num_entries: int, shard
         "shards": shards,
     }
     out = Path(cache_dir) / kind / "index.json"
-    tmp = out.with_suffix(".json.tmp")
+    tmp = out.with_suffix(f".json.tmp{os.getpid()}")  # every rank may write it: each its own temp file
     tmp.write_text(json.dumps(index, ensure_ascii=False))
     tmp.replace(out)
     return index
+
+
+NEGATIVE_FILE = "negative.safetensors"
+
+
+def negative_path(cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / "text" / NEGATIVE_FILE
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), "pt") as f:
+        return {key: json.loads(v) for key, v in (f.metadata() or {}).items()}
+
+
+def write_negative(
+    cache_dir: str | os.PathLike, encoder: Any, *, fingerprint: dict[str, Any], dtype: torch.dtype = torch.bfloat16
+) -> bool:
+    """Encode ``encoder.negative_prompt`` into ``text/negative.safetensors``. Returns False when the file already
+    holds this prompt with this fingerprint (resume); a changed prompt is re-encoded (one prompt: cheap)."""
+    path = negative_path(cache_dir)
+    if path.exists():
+        meta = _metadata(path)
+        if meta.get("fingerprint") != fingerprint:
+            made = meta.get("fingerprint")
+            raise CacheError(f"{path} was made with {made}, this run has {fingerprint}: use a new cache_dir")
+        if meta.get("prompt") == encoder.negative_prompt:
+            return False
+    emb, length = encoder.negative()  # (1, max_length, dim), (1,)
+    tensors = {"emb": emb[:, : int(length[0])].cpu().to(dtype), "lengths": length.cpu()}
+    meta = {"fingerprint": fingerprint, "prompt": encoder.negative_prompt, "max_length": encoder.max_length}
+    _save(path, tensors, meta)
+    return True
+
+
+def read_negative(cache_dir: str | os.PathLike) -> tuple[torch.Tensor, str, int]:
+    """(emb (1, max_length, dim) float32 zero-padded, prompt, max_length) of the cached negative prompt."""
+    path = negative_path(cache_dir)
+    if not path.exists():
+        raise CacheError(
+            f"{path} not found: the text cache has no negative-prompt embedding (made before it was cached, or with "
+            "--kinds latents only). Re-run `python -m launcher.precompute --config <this config> --kinds text`: "
+            "finished shards are skipped and only the negative prompt is encoded"
+        )
+    meta = _metadata(path)
+    with safe_open(str(path), "pt") as f:
+        emb = f.get_tensor("emb").float()  # (1, len, dim)
+    max_length = int(meta["max_length"])
+    return torch.nn.functional.pad(emb, (0, 0, 0, max_length - emb.shape[1])), meta["prompt"], max_length
 
 
 def read_index(cache_dir: str | os.PathLike, kind: str) -> Optional[dict[str, Any]]:

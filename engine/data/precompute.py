@@ -3,6 +3,8 @@
 Each rank writes its own shards (``cache.rank_shards``) and skips those already on disk, so the same command resumes
 a killed run, and runs on any number of ranks (``RANK``/``WORLD_SIZE`` from torchrun, or given). The rank that
 finishes last finds every shard present and writes ``index.json``; earlier ranks log that they wait for the others.
+Rank 0 also stores the negative prompt's embedding (``text/negative.safetensors``), which training from the cache uses
+for classifier-free guidance without loading the text encoder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.data.cache import CacheError, precompute_latents, precompute_text, write_index
+from engine.data.cache import CacheError, precompute_latents, precompute_text, write_index, write_negative
 from engine.data.manifest import load_manifest
 
 logger = logging.getLogger("engine.data")
@@ -90,6 +92,8 @@ def run_precompute(
             world_size=world_size,
             progress=progress,
         )
+        if rank == 0 and write_negative(d.cache_dir, encoder, fingerprint=prints["text"]):
+            logger.info("text cache: negative prompt %r encoded", encoder.negative_prompt)
         done["text"] = _try_index(d.cache_dir, "text", len(manifest), sizes["text"])
         del encoder
     if "latents" in kinds:

@@ -140,6 +140,7 @@ class Trainer:
             self.on_step(self, None)  # before the first step (after any resume)
         if self.observer:
             self.observer.start(self.step, cfg.train.max_steps)
+        first_step, last_sampled = self.step, None
         while self.step < cfg.train.max_steps:
             ckpt._fault("step", self.step)
             t0 = time.perf_counter()
@@ -156,10 +157,13 @@ class Trainer:
                 self.save()
             if self.sampler and cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
                 self.sampler(self.step)
-        if self.sampler:
+                last_sampled = self.step
+        ran = self.step > first_step  # a re-run of a finished job does nothing but report
+        if self.sampler and ran and last_sampled != self.step:
             self.sampler(self.step)
-        if self.exporter and cfg.checkpoint.export:
-            self.exporter(self.run_dir / "export" / "transformer")
+        export = self.run_dir / "export" / "transformer"
+        if self.exporter and cfg.checkpoint.export and (ran or not (export / "config.json").is_file()):
+            self.exporter(export)
         if self.observer:
             self.observer.close()
         return {"step": self.step, "skipped": dict(self.skipped), "losses": self.losses}

@@ -1,0 +1,310 @@
+"""The Wan world as seen by the distillation job: per-rank batches of VAE latents and umT5 embeddings (precomputed
+caches or encoded online), the negative prompt for CFG, and a sampler that writes 4-step sample videos.
+
+DMD prompts come from the same draw as the regression pair. Algorithm 1 writes ``c ~ D`` and ``(c_y, y) ~ D``; one
+draw serves both because each branch still sees captions distributed as the data. A second draw would, online, decode
+and VAE-encode clips only to throw their latents away (the costliest part of the data path), and would give the
+resume state two positions. The price: a step conditions on B distinct captions instead of 2B.
+
+Sample prompts: ``logging.sample_prompts`` when set, encoded once at start (by the online encoder; from a cache, by
+umT5 loaded for that and freed, so they need ``text_encoder.path``); otherwise the first captions of the data (their
+cached embeddings, or encoded online). Configured prompts are never replaced silently. A cache run without
+``vae.path`` cannot decode, so it skips samples with one logged line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ConfigError, RunConfig
+from engine.data.cache import CacheError, read_index, read_negative
+from engine.data.interfaces import latent_shape
+from engine.data.mp4 import to_frames, write_mp4
+from engine.data.source import CacheDataset, build_source
+from engine.diffusion.flow import FlowSchedule
+from engine.diffusion.samplers import sample_student
+from engine.distill import dist
+from engine.distill.data import Batch
+from engine.distill.job import World
+
+log = logging.getLogger("vidistill.train")
+NUM_DEFAULT_SAMPLES = 4  # sample videos from the data's first captions when no prompts are configured
+PRECOMPUTE = "python -m launcher.precompute --config <this config>"
+
+
+def wan_latent_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
+    """(C, F, H, W) of a clip's latent: C = model.in_dim, F = 1 + (frames - 1) / temporal stride, H, W / spatial."""
+    d, v = cfg.data, cfg.vae
+    return (
+        cfg.model.in_dim,
+        1 + (d.num_frames - 1) // v.temporal_stride,
+        d.height // v.spatial_stride,
+        d.width // v.spatial_stride,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks before anything heavy: every error names its key
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _need_path(value: str | None, key: str, why: str) -> None:
+    if not value:
+        raise ConfigError(f"config key `{key}`: required ({why})")
+    if not Path(value).exists():
+        raise ConfigError(f"config key `{key}`: {value} does not exist ({why})")
+
+
+def _cached_latent_shape(cache_dir: str, index: dict) -> tuple[int, ...]:
+    """(C, F, H, W) of the first non-empty latent shard (read from its header, no tensor loaded)."""
+    shard = next(s for s in index["shards"] if s["index"])  # write_index guarantees one exists
+    with safe_open(str(Path(cache_dir) / "latents" / shard["file"]), "pt") as f:
+        return tuple(f.get_slice("latents").get_shape()[1:])
+
+
+def _check_cache(cfg: RunConfig) -> None:
+    """Both indexes and the negative prompt exist, and the cache was built with this config's sizes."""
+    d, te = cfg.data, cfg.text_encoder
+    _need_path(d.cache_dir, "data.cache_dir", f"data.source=cache reads the caches written by `{PRECOMPUTE}`")
+    index = {kind: read_index(d.cache_dir, kind) for kind in ("text", "latents")}
+    for kind, idx in index.items():
+        if idx is None:
+            raise ConfigError(
+                f"config key `data.cache_dir`: {Path(d.cache_dir) / kind / 'index.json'} not found: run `{PRECOMPUTE}`"
+                " first (re-running it resumes)"
+            )
+    built = index["latents"]["fingerprint"]
+    for key in ("num_frames", "height", "width", "fps"):
+        if key in built and built[key] != getattr(d, key):
+            raise ConfigError(
+                f"config key `data.{key}`: {getattr(d, key)}, but the latent cache in {d.cache_dir} was built with "
+                f"{built[key]}; train with the config the cache was built with, or build a new cache"
+            )
+    cached = _cached_latent_shape(d.cache_dir, index["latents"])
+    if cached != wan_latent_shape(cfg):
+        raise ConfigError(
+            f"config key `model.in_dim`: the latent cache in {d.cache_dir} holds {cached} latents, this config expects"
+            f" {wan_latent_shape(cfg)} (model.in_dim, vae.temporal_stride, vae.spatial_stride)"
+        )
+    try:
+        negative, prompt, max_length = read_negative(d.cache_dir)
+    except CacheError as exc:
+        raise ConfigError(f"config key `data.cache_dir`: {exc}") from exc
+    if max_length != te.max_length:
+        raise ConfigError(
+            f"config key `text_encoder.max_length`: {te.max_length}, but the text cache was built with {max_length}"
+        )
+    if prompt != te.negative_prompt:
+        raise ConfigError(
+            f"config key `text_encoder.negative_prompt`: {te.negative_prompt!r}, but the text cache holds {prompt!r};"
+            f" re-run `{PRECOMPUTE} --kinds text` to encode this one (finished shards are skipped)"
+        )
+    if negative.shape[-1] != cfg.model.text_dim:
+        raise ConfigError(
+            f"config key `model.text_dim`: {cfg.model.text_dim}, but the cached embeddings have {negative.shape[-1]}"
+        )
+
+
+def check_wan_config(cfg: RunConfig) -> None:
+    """Raise ConfigError naming the key when the Wan world cannot be built (paths, caches), before loading anything."""
+    if cfg.data.source == "online":
+        _need_path(cfg.data.manifest, "data.manifest", "data.source=online decodes the videos it lists")
+        _need_path(cfg.vae.path, "vae.path", "data.source=online encodes videos with the Wan VAE")
+        _need_path(cfg.text_encoder.path, "text_encoder.path", "data.source=online encodes captions with umT5")
+        return
+    _check_cache(cfg)
+    if not cfg.vae.path:
+        return  # no samples, so neither model is loaded
+    _need_path(cfg.vae.path, "vae.path", "rank 0 decodes sample videos with it")
+    if cfg.logging.sample_prompts and not cfg.text_encoder.path:
+        raise ConfigError(
+            "config key `logging.sample_prompts`: a cache run encodes configured sample prompts with umT5, so it needs"
+            " text_encoder.path; set it, or leave sample_prompts empty to sample the cache's first captions"
+        )
+    if cfg.logging.sample_prompts:
+        _need_path(cfg.text_encoder.path, "text_encoder.path", "umT5 encodes logging.sample_prompts once at start")
+
+
+def _check_online_parts(cfg: RunConfig, codec, encoder_dim: int, shape: tuple) -> None:
+    d = cfg.data
+    try:
+        got = latent_shape(codec, d.num_frames, d.height, d.width)
+    except ValueError as exc:
+        raise ConfigError(f"config key `vae`: the VAE at {cfg.vae.path}: {exc}") from exc
+    if got != shape:
+        raise ConfigError(
+            f"config key `vae`: the VAE at {cfg.vae.path} gives latents {got} for {d.num_frames}x{d.height}x"
+            f"{d.width}, the config expects {shape} (model.in_dim, vae.temporal_stride, vae.spatial_stride)"
+        )
+    if encoder_dim != cfg.model.text_dim:
+        raise ConfigError(f"config key `model.text_dim`: {cfg.model.text_dim}, but umT5 gives {encoder_dim}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer's source
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class StreamSource:
+    """A :class:`~engine.distill.data.TrainSource` over an endless stream of data dicts (``CacheDataset`` or
+    ``OnlineSource``): ``latents`` (B, C, F, H, W) and ``text_emb`` (B, L, D) become one :class:`Batch` whose DMD
+    prompts are the regression pair's captions (module docstring). The stream's position is the resumable state."""
+
+    def __init__(self, stream, shape: tuple[int, int, int, int], device: torch.device | str, kind: str):
+        self.stream, self.shape, self.device, self.kind = stream, tuple(shape), device, kind
+        self._it = None  # started on the first batch, so a resume never races a prefetcher
+
+    def next_batch(self) -> Batch:
+        if self._it is None:
+            self._it = iter(self.stream)
+        item = next(self._it, None)
+        if item is None:
+            raise RuntimeError(f"the {self.kind} data stream ended; it should be endless")
+        latents = item["latents"].to(self.device, non_blocking=True)  # (B, C, F, H, W)
+        if tuple(latents.shape[1:]) != self.shape:
+            raise ValueError(f"{self.kind} latents have shape {tuple(latents.shape[1:])}, the job expects {self.shape}")
+        text = item["text_emb"].to(self.device, non_blocking=True)  # (B, L, D)
+        return Batch(prompts=text, real_latents=latents, real_context=text)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"data state saved from data.source={state.get('kind')}, this run has {self.kind}")
+        self.close()
+        self.stream.load_state_dict(state["stream"])
+
+    def close(self) -> None:
+        """Stop the running iterator (and any prefetch thread behind it); the next batch restarts at the position."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Samples
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def student_samples(model, context, shape, schedule: FlowSchedule, timesteps, seed: int, chunk: int) -> torch.Tensor:
+    """(N, C, F, H, W) few-step samples for context (N, L, D), ``chunk`` at a time; sample i starts from noise
+    seeded by (seed, i), so a prompt's video does not depend on the other prompts."""
+    out = []
+    for start in range(0, context.shape[0], chunk):
+        ctx = context[start : start + chunk]
+        gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(ctx.shape[0])]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(ctx.device)  # (b, C, F, H, W)
+        renoise = torch.Generator().manual_seed(seed * 100_003 + start + 50_021)
+        out.append(sample_student(model, noise, ctx, schedule, list(timesteps), renoise).float().cpu())
+    return torch.cat(out)
+
+
+def sample_name(step: int, seed: int, i: int, prompt: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48] or "prompt"
+    return f"step{step:07d}_seed{seed}_{i:02d}_{slug}.mp4"
+
+
+def make_sampler(cfg: RunConfig, prompts: list[str], context: torch.Tensor, codec, shape, device):
+    """sampler(generator, step): 4-step videos of ``prompts`` for every sample seed into <run_dir>/samples/.
+    Collective under ZeRO-3 (every rank runs the same forwards); rank 0 decodes (``codec``) and writes the mp4s."""
+    out_dir = Path(cfg.logging.run_dir) / "samples"
+    schedule = FlowSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.shift)
+    seeds = list(cfg.logging.sample_seeds) or [0]
+    chunk = cfg.optim.micro_batch_size  # a batch that fits training (with gradients) fits no-grad sampling
+    context = context.to(device)
+
+    def sampler(generator: torch.nn.Module, step: int) -> None:
+        was_training = generator.training
+        generator.eval()
+        t = cfg.diffusion.student_timesteps
+        latents = {s: student_samples(generator, context, shape, schedule, t, s, chunk) for s in seeds}
+        generator.train(was_training)
+        if not dist.is_main():
+            return
+        for seed, lat in latents.items():
+            for i, prompt in enumerate(prompts):
+                video = codec.decode(lat[i : i + 1])[0]  # (3, T, H, W); one at a time bounds the decoder's memory
+                write_mp4(out_dir / sample_name(step, seed, i, prompt), to_frames(video), fps=cfg.data.fps)
+
+    return sampler
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two data sources
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _first_cached_captions(cache_dir: str, n: int) -> tuple[list[str], torch.Tensor]:
+    """The first ``n`` captions of the text cache (manifest order) and their (n, L, D) embeddings."""
+    rows = sum(len(s["index"]) for s in read_index(cache_dir, "text")["shards"])
+    batch = next(iter(CacheDataset(cache_dir, kinds=("text",), batch_size=min(n, rows), shuffle=False)))
+    return batch["caption"], batch["text_emb"]
+
+
+def _from_cache(cfg: RunConfig, device):
+    """(stream, uncond (1, L, D), samples (prompts, context, codec) or None) from the precomputed caches."""
+    from engine.data.text import UMT5TextEncoder
+    from engine.data.vae import WanVAE
+
+    d = cfg.data
+    stream = build_source(
+        d, batch_size=cfg.optim.micro_batch_size, rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed
+    )
+    uncond, _, _ = read_negative(d.cache_dir)
+    if not cfg.vae.path:
+        if dist.is_main():
+            log.info("sample videos skipped: vae.path is not set (a cache run loads the VAE only to decode samples)")
+        return stream, uncond, None
+    if cfg.logging.sample_prompts:
+        prompts = list(cfg.logging.sample_prompts)
+        encoder = UMT5TextEncoder.from_config(cfg.text_encoder, device)
+        context = encoder.encode(prompts)[0]  # (N, L, D)
+        del encoder  # only these prompts needed it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    else:
+        prompts, context = _first_cached_captions(d.cache_dir, NUM_DEFAULT_SAMPLES)
+    codec = WanVAE.from_config(cfg.vae, device) if dist.is_main() else None  # only rank 0 decodes
+    return stream, uncond, (prompts, context, codec)
+
+
+def _online(cfg: RunConfig, device, shape):
+    """(stream, uncond, samples) with the VAE and umT5 encoding in the loop on every rank."""
+    from engine.data.text import UMT5TextEncoder
+    from engine.data.vae import WanVAE
+
+    codec = WanVAE.from_config(cfg.vae, device)
+    encoder = UMT5TextEncoder.from_config(cfg.text_encoder, device)
+    _check_online_parts(cfg, codec, encoder.dim, shape)
+    stream = build_source(
+        cfg.data,
+        batch_size=cfg.optim.micro_batch_size,
+        rank=dist.rank(),
+        world_size=dist.world_size(),
+        seed=cfg.train.seed,
+        codec=codec,
+        text_encoder=encoder,
+        device=device,
+    )
+    prompts = list(cfg.logging.sample_prompts) or [e.caption for e in stream.reader.entries[:NUM_DEFAULT_SAMPLES]]
+    return stream, encoder.negative()[0], (prompts, encoder.encode(prompts)[0], codec)
+
+
+def make_wan_world(cfg: RunConfig, device: torch.device) -> World:
+    """The job's world for Wan2.1: checks the config, then builds the per-rank source, negative prompt and sampler."""
+    check_wan_config(cfg)
+    shape = wan_latent_shape(cfg)
+    if cfg.data.source == "cache":
+        stream, uncond, samples = _from_cache(cfg, device)
+    else:
+        stream, uncond, samples = _online(cfg, device, shape)
+    sampler = make_sampler(cfg, *samples, shape, device) if samples else None
+    source = StreamSource(stream, shape, device, kind=cfg.data.source)
+    return World(source=source, uncond=uncond.to(device), latent_shape=shape, sampler=sampler)
