@@ -336,14 +336,16 @@ class InterpConfig:
 class ToyTeacherConfig:
     """Training of the toy world's teacher (engine/toy/teacher.py, launcher/train_teacher.py)."""
 
-    steps: int = 30_000
+    steps: int = 10_000
     """Optimizer steps."""
     batch_size: int = 32
     """Clips per step."""
     lr: float = 1e-3
-    """Peak AdamW learning rate (after warm-up, cosine decay to lr * min_lr_ratio)."""
+    """AdamW learning rate after warm-up (constant, then a linear decay to lr * min_lr_ratio)."""
     warmup_steps: int = 500
     """Linear warm-up."""
+    decay_fraction: float = 0.2
+    """Share of the steps, at the end, over which the learning rate decays."""
     min_lr_ratio: float = 0.05
     """Final learning rate as a share of the peak."""
     weight_decay: float = 0.0

@@ -1,5 +1,6 @@
 """Train the latent frame-interpolation U-Net (paper appendix 8).
 
+    python launcher/train_interp.py --config configs/interp-toy.yaml --toy
     python launcher/train_interp.py --config configs/interp-toy.yaml --synthetic 9x8x8
     deepspeed --num_gpus 2 launcher/train_interp.py --config configs/interp-wan.yaml --latents /data/cache
     torchrun --nproc_per_node 2 launcher/train_interp.py --config configs/interp-wan.yaml --latents /data/latents \
@@ -35,13 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--latents", help="latent cache dir or directory of *.safetensors")
     src.add_argument("--synthetic", type=_size, metavar="FxHxW", help="synthetic moving patterns of this size")
     src.add_argument("--online", action="store_true", help="decode data.manifest and encode with the VAE")
+    src.add_argument("--toy", action="store_true", help="the toy world's latents (train split; val split scored)")
     p.add_argument("--export", help="where the trained interpolator goes (default <run_dir>/interpolator)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. interp.steps=100")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = run(cfg, latents=args.latents, synthetic=args.synthetic, online=args.online, export_dir=args.export)
+        result = run(
+            cfg,
+            latents=args.latents,
+            synthetic=args.synthetic,
+            online=args.online,
+            toy=args.toy,
+            export_dir=args.export,
+        )
     except (ConfigError, InterpolatorError, FileNotFoundError, ValueError) as exc:
         print(f"train_interp: error: {exc}", file=sys.stderr)
         return 2
@@ -49,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to train: the run in {cfg.logging.run_dir} is already at step {result.step}")
     elif result.export_dir is not None:  # rank 0
         print(f"trained steps {result.start + 1}-{result.step}; interpolator exported to {result.export_dir}")
+    if result.heldout:
+        h = result.heldout
+        print(
+            f"held-out: PSNR {h['psnr']:.2f} dB (MSE {h['loss']:.4f}) vs linear blend {h['psnr_blend']:.2f} dB "
+            f"(MSE {h['loss_blend']:.4f})"
+        )
     return 0
 
 

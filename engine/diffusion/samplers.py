@@ -13,6 +13,18 @@ import torch
 from engine.diffusion.flow import FlowSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseSource = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+"""Draws fresh standard-normal noise of a shape (e.g. one generator per video, so a video's draws do not depend on
+the batch it is in). A plain ``torch.Generator`` is accepted wherever a NoiseSource is."""
+
+
+def fresh_noise(
+    source: torch.Generator | NoiseSource, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Standard-normal noise of ``shape`` from a torch.Generator or a NoiseSource."""
+    if isinstance(source, torch.Generator):
+        return torch.randn(shape, generator=source, device=source.device, dtype=dtype).to(device)
+    return source(tuple(shape), dtype, device)
 
 
 def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, form: str = "standard") -> torch.Tensor:
@@ -87,9 +99,10 @@ def sample_student(
     context: torch.Tensor,
     schedule: FlowSchedule,
     timesteps: list[float],
-    generator: torch.Generator,
+    generator: torch.Generator | NoiseSource,
 ) -> torch.Tensor:
-    """Few-step generation: predict x0, re-noise it to the next timestep with fresh noise; the last x0 is the output."""
+    """Few-step generation: predict x0, re-noise it to the next timestep with fresh noise; the last x0 is the output.
+    ``generator`` supplies the re-noising draws (a torch.Generator or a NoiseSource)."""
     sigmas = schedule.student_sigmas(timesteps).to(noise.device)
     b = noise.shape[0]
     x = noise  # the first student timestep is (close to) pure noise: x_T = e
@@ -97,6 +110,5 @@ def sample_student(
         x0 = student_step(model, x, sigmas[i].expand(b), context, schedule)
         if i + 1 == len(sigmas):
             return x0
-        fresh = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-        x = schedule.add_noise(x0, fresh, sigmas[i + 1].expand(b))
+        x = schedule.add_noise(x0, fresh_noise(generator, x0.shape, x0.dtype, x0.device), sigmas[i + 1].expand(b))
     raise AssertionError("unreachable")

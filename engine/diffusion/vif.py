@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from engine.diffusion.flow import FlowSchedule
-from engine.diffusion.samplers import Denoiser, sample_student
+from engine.diffusion.samplers import Denoiser, NoiseSource, fresh_noise, sample_student
 from engine.models.interp_unet import check_channels, check_halvable
 
 ROPE_POSITIONS = ("contiguous", "stride2")
@@ -72,7 +72,7 @@ def sample_vif(
     context: torch.Tensor,
     schedule: FlowSchedule,
     timesteps: list[float],
-    generator: torch.Generator,
+    generator: torch.Generator | NoiseSource,
     half_rate_steps: int = 2,
     rope_positions: str = "contiguous",
 ) -> torch.Tensor:
@@ -101,8 +101,7 @@ def sample_vif(
     dtype = next(iter(interpolator.parameters())).dtype if isinstance(interpolator, nn.Module) else x0.dtype
     full = interpolator.interpolate(x0.to(dtype)).to(x0.dtype)  # (B, C, F, H, W)
     sigma = schedule.student_sigmas(timesteps[k : k + 1]).to(noise.device).expand(b)  # (B,)
-    fresh = torch.randn(full.shape, generator=generator, device=generator.device, dtype=full.dtype).to(full.device)
-    x = schedule.add_noise(full, fresh, sigma)
+    x = schedule.add_noise(full, fresh_noise(generator, full.shape, full.dtype, full.device), sigma)
     return sample_student(model, x, context, schedule, timesteps[k:], generator)
 
 

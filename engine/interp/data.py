@@ -70,6 +70,26 @@ class _Ordered:
         self._pos = self.order.position_from(state)
 
 
+class TensorLatents(_Ordered):
+    """Latents held in memory, (N, C, F, H, W): the toy world's whole dataset fits in a few tens of MB."""
+
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        super().__init__(latents.shape[0], batch_size, rank, world_size, seed, shuffle)
+        self.latents = latents
+
+    def sample(self, index: int) -> torch.Tensor:
+        return self.latents[index]
+
+
 class SyntheticLatents(_Ordered):
     """Smooth moving patterns: per sample, K travelling plane waves with one shared velocity, mixed to C channels.
 

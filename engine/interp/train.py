@@ -29,7 +29,7 @@ from engine.config import RunConfig, save_config
 from engine.distill import checkpoint as ckpt
 from engine.distill import dist
 from engine.interp.data import LatentSource
-from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, save_interpolator
+from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, load_interpolator, save_interpolator
 
 logger = logging.getLogger("engine.interp")
 
@@ -42,6 +42,8 @@ class InterpRun:
     start: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     export_dir: Path | None = None
+    heldout: dict[str, float] | None = None
+    """Held-out MSE/PSNR of the interpolator and of the linear blend (toy world: its val split)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -280,14 +282,15 @@ def run(
     latents: str | Path | None = None,
     synthetic: tuple[int, int, int] | None = None,
     online: bool = False,
+    toy: bool = False,
     export_dir: str | Path | None = None,
 ) -> InterpRun:
     """Entry point of ``launcher/train_interp.py``: one of a latent directory/cache, synthetic (F, H, W) patterns with
     model.in_dim channels, or online encoding of ``cfg.data``; then :func:`train_interp`."""
     from engine.interp import data
 
-    if sum((latents is not None, synthetic is not None, online)) != 1:
-        raise ValueError("give exactly one latent source: a latent directory, synthetic (F, H, W), or online")
+    if sum((latents is not None, synthetic is not None, online, toy)) != 1:
+        raise ValueError("give exactly one latent source: a latent directory, synthetic (F, H, W), online or toy")
     dist.init()
     rank, world = dist.rank(), dist.world_size()
     mb, _ = micro_batch(cfg, world)
@@ -296,7 +299,25 @@ def run(
         source = data.open_latents(latents, **common)
     elif synthetic is not None:
         source = data.SyntheticLatents(cfg.model.in_dim, *synthetic, **common)
+    elif toy:
+        return _run_toy(cfg, common, export_dir)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         source = data.online_latents(cfg, **common, device=device)
     return train_interp(cfg, source, export_dir=export_dir)
+
+
+def _run_toy(cfg: RunConfig, common: dict, export_dir) -> InterpRun:
+    """Train on the toy world's train-split latents; score the held-out val split against the linear blend."""
+    from engine.interp.data import TensorLatents
+    from engine.toy.data import toy_tensors
+    from engine.toy.recipes import toy_parts
+
+    parts = toy_parts(cfg)
+    train = toy_tensors(cfg.toy, parts.codec, parts.text, split="train")
+    result = train_interp(cfg, TensorLatents(train.latents, **common), export_dir=export_dir)
+    if result.export_dir is not None:  # rank 0
+        val = toy_tensors(cfg.toy, parts.codec, parts.text, split="val").latents
+        model = load_interpolator(result.export_dir).eval()
+        result.heldout = evaluate(model, val.split(32))
+    return result

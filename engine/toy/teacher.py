@@ -26,11 +26,15 @@ log = logging.getLogger(__name__)
 
 
 def lr_at(cfg: ToyTeacherConfig, step: int) -> float:
+    """Warm-up, constant, then a linear decay over the last ``decay_fraction`` of the steps (warmup-stable-decay):
+    unlike a cosine, the constant phase lets a run be extended (more steps) without a jump in the learning rate."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+    if step < decay_start:
+        return cfg.lr
+    progress = (step - decay_start) / max(1, cfg.steps - decay_start)
+    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * min(1.0, progress))
 
 
 def flow_matching_loss(

@@ -1,0 +1,509 @@
+"""Text-to-video generation with the distilled student (4 steps, optionally VIF) or the teacher (Euler + CFG), and the
+deployment directory generation reads:
+
+    <deploy>/transformer/    the student DiT in the diffusers layout (safetensors + config.json)
+    <deploy>/interpolator/   the frame-interpolation U-Net (model.safetensors + config.json)
+
+``--student <deploy>/transformer`` (or ``<deploy>``) finds ``<deploy>/interpolator`` when no interpolator is named.
+The student may also be a trainer checkpoint (``<run>/checkpoints/step_N``, DeepSpeed ZeRO partitions), consolidated
+with DeepSpeed's ``zero_to_fp32``; ``export_student`` writes one as a deployment directory.
+
+Order of work: ``plan_generation`` runs every check that needs only sizes (prompts, paths, the config.json of the DiT
+and of the interpolator, the latent frame count, the world) before any weight is read; ``Generator`` then loads the
+text encoder, the codec, the DiT and the interpolator once and generates batch after batch.
+
+Determinism: every random draw of a video (its initial noise and each re-noise of the student schedule) comes from its
+own CPU generator seeded with its seed, so a (prompt, seed) pair gives the same video whatever batch it lands in. The
+library samplers (``sample_student``, ``sample_vif``) draw a whole batch from one generator; the rollouts below are the
+same algorithms with one generator per sample, and agree with them exactly at batch size 1 (tests/generate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from tqdm.auto import tqdm
+
+from engine.config import ConfigError, ModelConfig, RunConfig, replace, resolve_dtype
+from engine.data.mp4 import to_frames, write_mp4, write_sidecar
+from engine.deploy import check_state, deploy_root, is_trainer_checkpoint, trainer_model_config, zero_state
+from engine.diffusion.flow import FlowSchedule
+from engine.diffusion.samplers import sample_student, sample_teacher
+from engine.diffusion.vif import check_vif, sample_vif
+from engine.models.checkpoint import (
+    CheckpointError,
+    load_weights,
+    read_model_config,
+)
+from engine.models.interp_unet import (
+    InterpolatorError,
+    check_channels,
+    load_interpolator,
+    read_interpolator_config,
+)
+from engine.models.wan import WanModel, build_model
+from kernels._dispatch import kernel_mode
+
+log = logging.getLogger("engine.generate")
+SAMPLERS = ("student", "vif", "teacher")
+RUNTIME_FIELDS = ("attention_backend", "fused_kernels")  # how the DiT runs: from the run config, not the checkpoint
+
+
+class GenerateError(ValueError):
+    """Input that cannot work, found before any weight is read. The message names the option or config key."""
+
+
+@dataclass
+class GenerateSettings:
+    """One generation request (launcher/generate.py fills it from the command line)."""
+
+    out_dir: str
+    """Where the mp4 files and their JSON sidecars go."""
+    student: Optional[str] = None
+    """Student DiT: a diffusers/official checkpoint (dir or file), a deployment root, or a trainer step directory."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts given directly."""
+    prompts_file: Optional[str] = None
+    """A UTF-8 text file with one prompt per line (blank lines ignored)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Every prompt is generated once per seed."""
+    batch_size: int = 4
+    """Videos per forward batch."""
+    sampler: str = "student"
+    """student (few-step), vif (first steps at half frame rate + interpolator) or teacher (Euler + CFG)."""
+    interpolator: Optional[str] = None
+    """Interpolator export for vif (default: ``<deploy>/interpolator`` next to the student)."""
+    teacher: Optional[str] = None
+    """DiT for the teacher sampler (default: the run config's model.checkpoint)."""
+    timesteps: Optional[list[float]] = None
+    """Student timesteps (default: diffusion.student_timesteps)."""
+    teacher_steps: Optional[int] = None
+    """Euler steps of the teacher sampler (default: diffusion.teacher_steps)."""
+    half_rate_steps: Optional[int] = None
+    """VIF: student steps at half frame rate (default: interp.half_rate_steps)."""
+    rope_positions: Optional[str] = None
+    """VIF: RoPE frame positions of the half-rate steps (default: interp.rope_positions)."""
+    device: Optional[str] = None
+    """cuda when available, else cpu."""
+    view_scale: Optional[int] = None
+    """Pixel repeat of the written mp4 (default: 4 in the toy world, whose clips are 32x32; 1 for Wan)."""
+    progress: bool = True
+    """tqdm bar over batches."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One video: the prompt's index in the request, the prompt and the seed."""
+
+    index: int
+    prompt: str
+    seed: int
+
+    def stem(self, width: int) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.prompt.lower()).strip("-")[:48].rstrip("-") or "prompt"
+        return f"{self.index:0{width}d}_{slug}_seed{self.seed}"
+
+
+@dataclass
+class ModelSource:
+    """A DiT to load: where, its architecture (+ the run config's runtime fields), whether it is ZeRO partitions."""
+
+    path: Path
+    cfg: ModelConfig
+    zero: bool = False
+
+
+@dataclass
+class Plan:
+    """Everything checked before loading: what runs, on which sizes, written where."""
+
+    cfg: RunConfig  # with the request's overrides applied (validated)
+    settings: GenerateSettings
+    world: str  # toy | wan
+    jobs: list[Job]
+    model: ModelSource
+    interpolator: Optional[Path]
+    latent_shape: tuple[int, int, int, int]  # (C, F, H, W)
+    view_scale: int
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks before anything is loaded
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_prompts(settings: GenerateSettings) -> list[str]:
+    """The prompts of a request; an empty or missing file, or no prompt at all, is an error."""
+    if settings.prompts and settings.prompts_file:
+        raise GenerateError("give prompts with --prompt or in a --prompts file, not both")
+    if settings.prompts_file:
+        path = Path(settings.prompts_file)
+        if not path.is_file():
+            raise GenerateError(f"--prompts: {path} is not a file (expected one prompt per line)")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise GenerateError(f"--prompts: {path} holds no prompt (one prompt per line; blank lines are ignored)")
+        return prompts
+    if not settings.prompts:
+        raise GenerateError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+    if any(not p.strip() for p in settings.prompts):
+        raise GenerateError("--prompt: empty prompt (the unconditional prompt is text_encoder.negative_prompt)")
+    return [p.strip() for p in settings.prompts]
+
+
+def world_of(cfg: RunConfig) -> str:
+    """toy (toy codec + toy text encoder) or wan (Wan VAE + umT5, both from local paths)."""
+    kinds = (cfg.vae.kind, cfg.text_encoder.kind)
+    if kinds == ("toy", "toy"):
+        return "toy"
+    if kinds != ("wan", "umt5"):
+        raise GenerateError(f"config key `vae.kind`: vae {kinds[0]} with text encoder {kinds[1]} is not a world")
+    for key, value in (("vae.path", cfg.vae.path), ("text_encoder.path", cfg.text_encoder.path)):
+        if not value or not Path(value).exists():
+            raise GenerateError(f"config key `{key}`: {value!r} does not exist (the Wan world loads local weights)")
+    return "wan"
+
+
+def resolve_model(path: str | None, option: str, cfg: RunConfig, run_config: str | None = None) -> ModelSource:
+    """Architecture of a DiT from its config alone, checked against the run config's latent and text sizes."""
+    if not path:
+        raise GenerateError(f"{option}: a DiT checkpoint is required")
+    p = Path(path)
+    if not p.exists():
+        raise GenerateError(f"{option}: checkpoint not found: {p}")
+    zero = is_trainer_checkpoint(p)
+    try:
+        arch = trainer_model_config(p, run_config) if zero else read_model_config(p)
+    except (CheckpointError, ValueError, KeyError, TypeError) as exc:
+        raise GenerateError(f"{option}: {p} is not a Wan DiT checkpoint: {exc}") from exc
+    runtime = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}
+    model_cfg = dataclasses.replace(arch, gradient_checkpointing=False, **runtime)
+    for name in ("in_dim", "out_dim", "text_dim"):
+        have, want = getattr(model_cfg, name), getattr(cfg.model, name)
+        if have != want:
+            raise GenerateError(f"{option}: {p} has {name}={have}, the run config's world needs model.{name}={want}")
+    return ModelSource(p, model_cfg, zero)
+
+
+def find_interpolator(settings: GenerateSettings, student: Path, in_dim: int) -> tuple[Path, dict]:
+    """The interpolator directory and its config (named, or next to the student); channels checked."""
+    path = Path(settings.interpolator) if settings.interpolator else deploy_root(student) / "interpolator"
+    if not settings.interpolator and not path.is_dir():
+        raise GenerateError(
+            f"--sampler vif needs an interpolator: none at {path}; pass --interpolator DIR or export one next to the "
+            f"student (python launcher/export.py --interpolator <trained dir> --out {deploy_root(student)})"
+        )
+    try:
+        config = read_interpolator_config(path)
+        check_channels(config["in_channels"], in_dim)
+    except InterpolatorError as exc:
+        raise GenerateError(f"--interpolator: {exc}") from exc
+    return path, config
+
+
+def latent_shape(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[int, int, int, int]:
+    """(C, F, H, W) of a clip of data.num_frames x data.height x data.width, divisible by the DiT's patch."""
+    d, v = cfg.data, cfg.vae
+    shape = (model_cfg.in_dim, 1 + (d.num_frames - 1) // v.temporal_stride)
+    shape += (d.height // v.spatial_stride, d.width // v.spatial_stride)
+    for key, size, patch in zip(("num_frames", "height", "width"), shape[1:], model_cfg.patch_size):
+        if size % patch:
+            raise GenerateError(f"config key `data.{key}`: {size} latent cells are not divisible by the patch {patch}")
+    return shape
+
+
+def _with_overrides(cfg: RunConfig, s: GenerateSettings) -> RunConfig:
+    """The run config with the request's schedule settings (re-validated: errors name the config key)."""
+    if s.sampler not in SAMPLERS:
+        raise GenerateError(f"--sampler: {s.sampler!r} is not one of {SAMPLERS}")
+    if s.teacher_steps is not None and s.sampler != "teacher":
+        raise GenerateError("--steps sets the teacher sampler's Euler steps; the student's are --timesteps")
+    if s.timesteps is not None and s.sampler == "teacher":
+        raise GenerateError("--timesteps sets the student schedule; the teacher sampler takes --steps")
+    if s.interpolator and s.sampler != "vif":
+        raise GenerateError(f"--interpolator is used by --sampler vif only (got --sampler {s.sampler})")
+    if s.batch_size < 1 or not s.seeds or len(set(s.seeds)) != len(s.seeds):
+        raise GenerateError(f"need --batch >= 1 and distinct seeds, got --batch {s.batch_size}, --seeds {s.seeds}")
+    if s.view_scale is not None and s.view_scale < 1:
+        raise GenerateError(f"--view-scale must be >= 1, got {s.view_scale}")
+    diff, interp = cfg.diffusion, cfg.interp
+    diff = dataclasses.replace(
+        diff,
+        student_timesteps=[float(t) for t in s.timesteps] if s.timesteps else diff.student_timesteps,
+        teacher_steps=diff.teacher_steps if s.teacher_steps is None else s.teacher_steps,
+    )
+    k = interp.half_rate_steps if s.half_rate_steps is None else s.half_rate_steps
+    interp = dataclasses.replace(interp, half_rate_steps=k, rope_positions=s.rope_positions or interp.rope_positions)
+    try:
+        return replace(cfg, diffusion=diff, interp=interp)
+    except ConfigError as exc:
+        raise GenerateError(str(exc)) from exc
+
+
+def plan_generation(cfg: RunConfig, settings: GenerateSettings) -> Plan:
+    """Every check that needs no weights, in the order a user would fix them. Raises GenerateError."""
+    cfg = _with_overrides(cfg, settings)
+    world = world_of(cfg)
+    prompts = read_prompts(settings)
+    jobs = [Job(i, p, int(seed)) for i, p in enumerate(prompts) for seed in settings.seeds]
+    if settings.sampler == "teacher":
+        model = resolve_model(settings.teacher or cfg.model.checkpoint, "--teacher (or model.checkpoint)", cfg)
+    else:
+        model = resolve_model(settings.student, "--student", cfg)
+    shape = latent_shape(cfg, model.cfg)
+    interpolator = None
+    if settings.sampler == "vif":
+        interpolator, icfg = find_interpolator(settings, model.path, model.cfg.in_dim)
+        i = cfg.interp
+        n = len(cfg.diffusion.student_timesteps)
+        try:
+            check_vif(
+                shape[1], icfg["in_channels"], shape[0], i.half_rate_steps, n, i.rope_positions, model.cfg.patch_size[0]
+            )
+        except ValueError as exc:  # InterpolatorError included
+            raise GenerateError(f"--sampler vif with data.num_frames={cfg.data.num_frames}: {exc}") from exc
+    scale = settings.view_scale or (4 if world == "toy" else 1)
+    return Plan(cfg, settings, world, jobs, model, interpolator, shape, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling with one generator per video
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SampleNoise:
+    """A NoiseSource with one CPU generator per video, seeded with its seed: each video's draws do not depend on the
+    batch it is generated in (engine.diffusion.samplers.NoiseSource)."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """(B, ...) standard normal with row b from generator b (B = number of seeds)."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for {shape[0]} videos requested from {len(self.generators)} seeds")
+        rows = [torch.randn(shape[1:], generator=g) for g in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+class TimedInterpolator:
+    """An interpolator whose ``interpolate`` is timed under the clock's "interpolation" phase (in its own dtype)."""
+
+    def __init__(self, model, clock):
+        self.model, self.clock, self.in_channels = model, clock, model.in_channels
+
+    def interpolate(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        with self.clock("interpolation"):
+            return self.model.interpolate(latents.to(dtype)).to(latents.dtype)
+
+
+class Clock:
+    """Wall time per phase; synchronizes CUDA at phase edges so asynchronous kernels are counted where they run."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading (after the plan) and generating
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    encode: Callable[[list[str]], torch.Tensor]  # prompts -> (B, L, D) float32
+    decode: Callable[[torch.Tensor], torch.Tensor]  # (B, C, F, h, w) latents -> (B, 3, T, H, W) in [-1, 1]
+    uncond: torch.Tensor  # (1, L, D): the negative prompt, for CFG
+    z_dim: int
+    text_dim: int
+    strides: tuple[int, int]  # (temporal, spatial) pixels per latent cell
+
+
+def load_world(cfg: RunConfig, world: str, device: torch.device) -> World:
+    if world == "toy":
+        from engine.toy.recipes import toy_parts
+
+        parts = toy_parts(cfg)
+        codec = parts.codec.to(device)
+        strides = (codec.temporal_stride, codec.spatial_stride)
+        return World(
+            lambda p: parts.text.encode(p)[0], codec.decode, parts.uncond, codec.z_dim, parts.text.dim, strides
+        )
+    from engine.data.text import UMT5TextEncoder
+    from engine.data.vae import WanVAE
+
+    text = UMT5TextEncoder.from_config(cfg.text_encoder, device)
+    vae = WanVAE.from_config(cfg.vae, device)
+    strides = (vae.temporal_stride, vae.spatial_stride)
+    return World(lambda p: text.encode(p)[0], vae.decode, text.negative()[0], vae.z_dim, text.dim, strides)
+
+
+def load_dit(source: ModelSource, device: torch.device, dtype: torch.dtype) -> WanModel:
+    """The DiT in eval mode on ``device`` in ``dtype``; every key and shape checked."""
+    model = build_model(source.cfg, device="meta")
+    if source.zero:
+        state = zero_state(source.path, lazy=False)
+        check_state(state, source.cfg, source.path)
+        model.to_empty(device="cpu").load_state_dict(state)
+    else:
+        load_weights(model, source.path)
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+class Generator:
+    """Loads the world and the models of a plan once; ``run(jobs)`` generates a batch and writes its files."""
+
+    def __init__(self, plan: Plan, device: str | torch.device | None = None):
+        self.plan, cfg = plan, plan.cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(cfg, cuda=self.device.type == "cuda")
+        self.world = load_world(cfg, plan.world, self.device)
+        mc, v = plan.model.cfg, cfg.vae
+        if self.world.strides != (v.temporal_stride, v.spatial_stride):
+            raise GenerateError(
+                f"config key `vae.temporal_stride`: the codec has strides {self.world.strides} (temporal, spatial), "
+                f"the config says ({v.temporal_stride}, {v.spatial_stride}): the latent size would be wrong"
+            )
+        if (self.world.z_dim, self.world.text_dim) != (mc.in_dim, mc.text_dim):
+            raise GenerateError(
+                f"the {plan.world} world's codec/text encoder give (z_dim {self.world.z_dim}, text dim "
+                f"{self.world.text_dim}); the DiT {plan.model.path} expects ({mc.in_dim}, {mc.text_dim})"
+            )
+        try:
+            self.model = load_dit(plan.model, self.device, self.dtype)
+            self.interpolator = None
+            if plan.interpolator is not None:
+                self.interpolator = load_interpolator(plan.interpolator, mc.in_dim, self.device)
+        except SafetensorError as exc:  # a truncated or corrupt file: name it instead of a bare header error
+            raise CheckpointError(f"cannot read weights ({plan.model.path}, {plan.interpolator}): {exc}") from exc
+        d = cfg.diffusion
+        self.schedule = FlowSchedule(d.num_train_timesteps, d.shift)
+
+    def latents(self, context: torch.Tensor, seeds: list[int], clock: Clock) -> torch.Tensor:
+        """(B, C, F, H, W) clean latents for the batch's text embeddings (B, L, D)."""
+        cfg, s = self.plan.cfg, self.plan.settings
+        noise = SampleNoise(seeds)
+        x = noise((len(seeds), *self.plan.latent_shape), torch.float32, self.device)  # each video's first draw
+        if s.sampler == "teacher":
+            d, uncond = cfg.diffusion, self.world.uncond.to(self.device).expand(len(seeds), -1, -1)
+            with clock("sampling"):
+                return sample_teacher(
+                    self.model, x, context, uncond, self.schedule, d.teacher_steps, d.guidance_scale, d.guidance_form
+                )
+        ts = cfg.diffusion.student_timesteps
+        if s.sampler == "student":
+            with clock("sampling"):
+                return sample_student(self.model, x, context, self.schedule, ts, noise)
+        k, rope = cfg.interp.half_rate_steps, cfg.interp.rope_positions
+        with clock("sampling"):  # includes the interpolation, which the clock also reports on its own
+            return sample_vif(
+                self.model, TimedInterpolator(self.interpolator, clock), x, context, self.schedule, ts, noise, k, rope
+            )
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job]) -> list[dict]:
+        """Generate and write one batch; returns the sidecars."""
+        clock = Clock(self.device)
+        with clock("text_encode"):
+            context = self.world.encode([j.prompt for j in jobs]).to(self.device)  # (B, L, D)
+        latents = self.latents(context, [j.seed for j in jobs], clock)
+        with clock("decode"):
+            videos = self.world.decode(latents)  # (B, 3, T, H, W) in [-1, 1]
+        with clock("write"):
+            paths = [self._write(job, video) for job, video in zip(jobs, videos)]
+        timings = {f"{k}_s": round(v, 4) for k, v in clock.seconds.items()}
+        timings.setdefault("interpolation_s", 0.0)
+        infos = []
+        for job, path in zip(jobs, paths):
+            info = self.describe(job, path, {**timings, "batch_videos": len(jobs)})
+            write_sidecar(path.with_suffix(".json"), info)
+            infos.append(info)
+        return infos
+
+    def _write(self, job: Job, video: torch.Tensor) -> Path:
+        width = len(str(max(j.index for j in self.plan.jobs)))
+        path = Path(self.plan.settings.out_dir) / f"{job.stem(width)}.mp4"
+        return write_mp4(path, to_frames(video), fps=self.plan.cfg.data.fps, scale=self.plan.view_scale)
+
+    def describe(self, job: Job, path: Path, timings: dict) -> dict:
+        """The JSON sidecar of one video."""
+        plan, s = self.plan, self.plan.settings
+        d, i = plan.cfg.diffusion, plan.cfg.interp
+        teacher, vif = s.sampler == "teacher", s.sampler == "vif"
+        if teacher:
+            timesteps = self.schedule.timestep(self.schedule.sampling_sigmas(d.teacher_steps)[:-1]).tolist()
+        else:
+            timesteps = list(d.student_timesteps)
+        mode = kernel_mode()  # VIDISTILL_KERNELS can force either path
+        on = mode == "triton" or (mode == "auto" and self.device.type == "cuda")
+        triton = plan.model.cfg.fused_kernels and on
+        return {
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "index": job.index,
+            "video": str(path),
+            "sampler": s.sampler,
+            "steps": len(timesteps),
+            "timesteps": [round(t, 3) for t in timesteps],
+            "half_rate_steps": i.half_rate_steps if vif else 0,
+            "rope_positions": i.rope_positions if vif else None,
+            "guidance": {"scale": d.guidance_scale, "form": d.guidance_form} if teacher else None,
+            "negative_prompt": plan.cfg.text_encoder.negative_prompt if teacher else None,
+            "models": {"dit": str(plan.model.path), "interpolator": plan.interpolator and str(plan.interpolator)},
+            "world": plan.world,
+            "latent_shape": list(plan.latent_shape),
+            "frames": plan.cfg.data.num_frames,
+            "fps": plan.cfg.data.fps,
+            "view_scale": plan.view_scale,
+            "tokens_per_step": tokens_per_step(plan),
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "kernels": "triton" if triton else "reference",
+            "timings": timings,
+        }
+
+
+def tokens_per_step(plan: Plan) -> list[int]:
+    """DiT tokens per video at each step (the teacher's CFG counts both passes)."""
+    _, f, h, w = plan.latent_shape
+    pt, ph, pw = plan.model.cfg.patch_size
+    full, half = (f // pt) * (h // ph) * (w // pw), ((f + 1) // 2 // pt) * (h // ph) * (w // pw)
+    d, sampler = plan.cfg.diffusion, plan.settings.sampler
+    if sampler == "teacher":
+        passes = 1 if (d.guidance_scale == 0 and d.guidance_form == "standard") else 2  # guided_velocity's shortcut
+        return [passes * full] * d.teacher_steps
+    k = plan.cfg.interp.half_rate_steps if sampler == "vif" else 0
+    return [half] * k + [full] * (len(d.student_timesteps) - k)
+
+
+def generate(cfg: RunConfig, settings: GenerateSettings) -> list[dict]:
+    """Check, load once, generate every (prompt, seed) in batches; returns the sidecars in request order."""
+    plan = plan_generation(cfg, settings)
+    generator = Generator(plan, settings.device)
+    size = settings.batch_size
+    batches = [plan.jobs[i : i + size] for i in range(0, len(plan.jobs), size)]
+    infos = []
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not settings.progress):
+        infos.extend(generator.run(batch))
+    log.info("wrote %d videos to %s", len(infos), settings.out_dir)
+    return infos

@@ -1,0 +1,125 @@
+"""The end-to-end toy demo: dataset -> teacher -> distillation on 2 ranks (ZeRO-3, gloo) -> samples -> metrics.
+
+Every stage is resumable and skipped when its output exists: a second run reprints the table in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import RunConfig, save_config
+from engine.data.mp4 import to_frames, write_mp4
+from engine.models.checkpoint import weight_files
+from engine.toy.data import toy_tensors
+from engine.toy.evaluate import real_rows, reference_for
+from engine.toy.metrics import compute_metrics, format_table
+from engine.toy.recipes import load_teacher, toy_parts, train_teacher
+from engine.toy.sampling import decode, student_latents, teacher_latents
+from engine.toy.world import ensure_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _has_weights(path: str | Path) -> bool:
+    try:
+        return bool(weight_files(path))
+    except Exception:
+        return False
+
+
+def ensure_teacher(cfg: RunConfig) -> Path:
+    path = Path(cfg.model.checkpoint)
+    if _has_weights(path):
+        _say(f"teacher: {path} (shipped; `python launcher/train_teacher.py --config configs/toy.yaml` reproduces it)")
+        return path
+    _say(f"teacher: {path} missing, training it now (resumable; hours on 2 CPU cores)")
+    train_teacher(cfg)
+    return path
+
+
+def distill(config: Path, run_dir: Path, overrides: list[str], nproc: int) -> float:
+    """The real job: torchrun on ``nproc`` CPU ranks. Resumes if a previous demo was interrupted."""
+    export = run_dir / "export" / "transformer"
+    if _has_weights(export):
+        _say(f"distillation: {export} exists, skipping (delete {run_dir} to redo)")
+        return 0.0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "launcher" / "run.py"), "--config", str(config), f"logging.run_dir={run_dir}", *overrides]
+    _say("distillation: " + " ".join(cmd[2:]))
+    t0 = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(cmd, check=True, env=env)
+    return time.time() - t0
+
+
+def _videos_row(cfg, parts, latents, params, reference) -> dict:
+    return compute_metrics(decode(parts.codec, latents), params, reference)
+
+
+def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
+    """Teacher (50 steps, CFG) and student (4 steps) on the same n val prompts, scored against real clips."""
+    parts = toy_parts(cfg)
+    val = toy_tensors(cfg.toy, parts.codec, parts.text, split="val")
+    n = min(n, val.latents.shape[0])
+    shape, ctx, params = tuple(val.latents.shape[1:]), val.context[:n], val.params[:n]
+    ref = reference_for(cfg.toy)
+    d = cfg.diffusion
+    cache = run_dir / "teacher_latents.pt"
+    t0 = time.time()
+    if cache.is_file() and torch.load(cache)["n"] == n:
+        teacher = torch.load(cache)["latents"]
+    else:
+        model = load_teacher(cfg.model.checkpoint)
+        teacher = teacher_latents(model, ctx, parts.uncond, shape, parts.schedule, steps=d.teacher_steps,
+                                  scale=d.guidance_scale, form=d.guidance_form)
+        torch.save({"n": n, "latents": teacher}, cache)
+    t_teacher = time.time() - t0
+    student_model = load_teacher(run_dir / "export" / "transformer")
+    t0 = time.time()
+    student = student_latents(student_model, ctx, shape, parts.schedule, d.student_timesteps)
+    t_student = time.time() - t0
+    real = real_rows(cfg.toy, parts.codec)
+    rows = {**real, "teacher (50 steps, CFG)": _videos_row(cfg, parts, teacher, params, ref),
+            "student (4 steps)": _videos_row(cfg, parts, student, params, ref)}
+    videos = run_dir / "videos"
+    for name, lat in (("teacher", teacher), ("student", student)):
+        for i, video in enumerate(decode(parts.codec, lat[:4])):
+            write_mp4(videos / f"{name}_{i:02d}.mp4", to_frames(video), fps=cfg.data.fps, scale=4)
+    return {"rows": rows, "n": n, "teacher_seconds": t_teacher, "student_seconds": t_student}
+
+
+def run_demo(cfg: RunConfig, config_path: Path, run_dir: Path, overrides: list[str], *, nproc: int = 2,
+             eval_clips: int = 100) -> str:
+    t_start = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "demo-config.yaml")
+    t0 = time.time()
+    manifest = ensure_dataset(cfg.toy)
+    _say(f"dataset: {manifest} ({time.time() - t0:.1f} s)")
+    ensure_teacher(cfg)
+    t_distill = distill(config_path, run_dir, overrides, nproc)
+    _say("evaluating teacher and student on held-out prompts")
+    result = evaluate(cfg, run_dir, eval_clips)
+    table = format_table(result["rows"])
+    total = time.time() - t_start
+    summary = (
+        f"{table}\n\n{result['n']} held-out prompts. Sampling: teacher {result['teacher_seconds']:.1f} s, "
+        f"student {result['student_seconds']:.1f} s. Distillation {t_distill / 60:.1f} min; demo total "
+        f"{total / 60:.1f} min.\nVideos: {run_dir / 'videos'} and {run_dir / 'samples'}; "
+        f"student weights: {run_dir / 'export' / 'transformer'}"
+    )
+    (run_dir / "metrics.md").write_text(summary + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps({**result, "distill_seconds": t_distill, "total": total},
+                                                     indent=1, default=float))
+    return summary
