@@ -1,9 +1,11 @@
 """Precompute text-embedding and latent caches for a manifest.
 
-    python -m launcher.precompute --config configs/wan2.1-1.3b.yaml data.manifest=m.jsonl data.cache_dir=cache/
+    python -m launcher.precompute --config configs/wan2.1-1.3b-24gpu.yaml data.manifest=m.jsonl data.cache_dir=cache/
     torchrun --nproc_per_node 8 -m launcher.precompute --config ... --kinds latents   # one rank per GPU
 
-Re-running the same command resumes (finished shards are skipped).
+Re-running the same command resumes (finished shards are skipped). The text cache also stores the negative prompt's
+embedding (text/negative.safetensors) for training without the text encoder; a cache made before that gets it from
+a re-run with --kinds text.
 """
 
 from __future__ import annotations
