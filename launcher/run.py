@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"run: {exc}", file=sys.stderr)
         return 2
-    print(f"finished at step {summary['step']}; skipped updates: {summary['skipped']}")
+    if summary.get("rank", 0) == 0:
+        print(f"finished at step {summary['step']}; skipped updates: {summary['skipped']}")
     return 0
 
 

@@ -42,6 +42,8 @@ class Observer:
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         self.bar = None
         self.window = {"time": 0.0, "steps": 0, "samples": 0}
+        self.sums: dict[str, float] = {}  # metric sums over the logging window (generator metrics appear 1 step in 5)
+        self.counts: dict[str, int] = {}
 
     def start(self, step: int, total: int) -> None:
         if self.cfg.logging.progress_bar:
@@ -52,20 +54,25 @@ class Observer:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
         self.text.write(line + "\n")
         self.text.flush()
-        log.info(msg)
         if self.bar is not None:
             self.bar.write(msg)
+        else:
+            log.info(msg)
 
     def step(self, step: int, metrics: dict, seconds: float, skipped: dict) -> None:
         w = self.window
         w["time"] += seconds
         w["steps"] += 1
         w["samples"] += self.cfg.optim.micro_batch_size * dist.world_size()
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
         if self.bar is not None:
             self.bar.update(1)
         if step % self.cfg.logging.log_every:
             return
-        scalars = {f"train/{k}": float(v) for k, v in metrics.items()}
+        scalars = {f"train/{k}": self.sums[k] / self.counts[k] for k in self.sums}  # means over the window
+        self.sums, self.counts = {}, {}
         scalars.update({f"time/{k}": v / w["steps"] for k, v in self.method.timer.pop().items()})
         flops = self.method.pop_flops() * dist.world_size()  # every rank ran the same passes
         samples_s = w["samples"] / max(w["time"], 1e-9)

@@ -166,4 +166,4 @@ class Trainer:
             self.exporter(export)
         if self.observer:
             self.observer.close()
-        return {"step": self.step, "skipped": dict(self.skipped), "losses": self.losses}
+        return {"step": self.step, "skipped": dict(self.skipped), "losses": self.losses, "rank": dist.rank()}

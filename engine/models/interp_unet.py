@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels.interp_unet import fused_interpolate
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "interp_unet"
@@ -135,12 +137,19 @@ class InterpUNet(nn.Module):
         a, b = pairs.chunk(2, dim=1)  # (N, C, H, W) each
         return 0.5 * (a + b) + delta
 
-    def interpolate(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, F, H, W) -> (B, C, 2F - 1, H, W): originals at even indices, generated frames between them."""
+    def interpolate(self, latents: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """(B, C, F, H, W) -> (B, C, 2F - 1, H, W): originals at even indices, generated frames between them.
+
+        fused: when no gradient is needed (no_grad, or nothing requires grad), run the fused inference kernels
+        (kernels/interp_unet.py: Triton on CUDA or with VIDISTILL_KERNELS=triton, this torch path otherwise).
+        """
         check_latents(latents, self.in_channels)
         b, c, f, h, w = latents.shape
         if f == 1:
             return latents.clone()
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (latents, *self.parameters()))
+        if fused and not needs_grad:  # the kernels are forward only; training keeps the torch path
+            return fused_interpolate(self, latents)
         mid = self(frame_pairs(latents))  # (B * (F - 1), C, H, W)
         mid = mid.view(b, f - 1, c, h, w).transpose(1, 2)  # (B, C, F - 1, H, W)
         out = latents.new_empty(b, c, 2 * f - 1, h, w)

@@ -17,11 +17,12 @@ import torch
 from engine.config import RunConfig, save_config
 from engine.data.mp4 import to_frames, write_mp4
 from engine.models.checkpoint import weight_files
+from engine.models.interp_unet import load_interpolator
 from engine.toy.data import toy_tensors
 from engine.toy.evaluate import real_rows, reference_for
 from engine.toy.metrics import compute_metrics, format_table
 from engine.toy.recipes import load_teacher, toy_parts, train_teacher
-from engine.toy.sampling import decode, student_latents, teacher_latents
+from engine.toy.sampling import decode, student_latents, teacher_latents, vif_latents
 from engine.toy.world import ensure_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,11 +55,22 @@ def distill(config: Path, run_dir: Path, overrides: list[str], nproc: int) -> fl
     if _has_weights(export):
         _say(f"distillation: {export} exists, skipping (delete {run_dir} to redo)")
         return 0.0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "launcher" / "run.py"), "--config", str(config), f"logging.run_dir={run_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "launcher" / "run.py"),
+        "--config",
+        str(config),
+        f"logging.run_dir={run_dir}",
+        *overrides,
+    ]
     _say("distillation: " + " ".join(cmd[2:]))
     t0 = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # one thread per rank and core: OpenMP teams oversubscribing the cores stall at every barrier
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     subprocess.run(cmd, check=True, env=env)
     return time.time() - t0
 
@@ -81,8 +93,16 @@ def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
         teacher = torch.load(cache)["latents"]
     else:
         model = load_teacher(cfg.model.checkpoint)
-        teacher = teacher_latents(model, ctx, parts.uncond, shape, parts.schedule, steps=d.teacher_steps,
-                                  scale=d.guidance_scale, form=d.guidance_form)
+        teacher = teacher_latents(
+            model,
+            ctx,
+            parts.uncond,
+            shape,
+            parts.schedule,
+            steps=d.teacher_steps,
+            scale=d.guidance_scale,
+            form=d.guidance_form,
+        )
         torch.save({"n": n, "latents": teacher}, cache)
     t_teacher = time.time() - t0
     student_model = load_teacher(run_dir / "export" / "transformer")
@@ -90,17 +110,41 @@ def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
     student = student_latents(student_model, ctx, shape, parts.schedule, d.student_timesteps)
     t_student = time.time() - t0
     real = real_rows(cfg.toy, parts.codec)
-    rows = {**real, "teacher (50 steps, CFG)": _videos_row(cfg, parts, teacher, params, ref),
-            "student (4 steps)": _videos_row(cfg, parts, student, params, ref)}
+    rows = {
+        **real,
+        "teacher (50 steps, CFG)": _videos_row(cfg, parts, teacher, params, ref),
+        "student (4 steps)": _videos_row(cfg, parts, student, params, ref),
+    }
+    outputs = {"teacher": teacher, "student": student}
+    timings = {"teacher_seconds": t_teacher, "student_seconds": t_student}
+    if cfg.interp.checkpoint and Path(cfg.interp.checkpoint).is_dir():
+        interp = load_interpolator(cfg.interp.checkpoint).eval()
+        k = cfg.interp.half_rate_steps
+        for rope in ("contiguous", "stride2"):
+            t0 = time.time()
+            lat = vif_latents(
+                student_model,
+                interp,
+                ctx,
+                shape,
+                parts.schedule,
+                d.student_timesteps,
+                half_rate_steps=k,
+                rope_positions=rope,
+            )
+            timings[f"vif_{rope}_seconds"] = time.time() - t0
+            rows[f"student + VIF ({k} half-rate steps, {rope} RoPE)"] = _videos_row(cfg, parts, lat, params, ref)
+            outputs[f"vif_{rope}"] = lat
     videos = run_dir / "videos"
-    for name, lat in (("teacher", teacher), ("student", student)):
+    for name, lat in outputs.items():
         for i, video in enumerate(decode(parts.codec, lat[:4])):
             write_mp4(videos / f"{name}_{i:02d}.mp4", to_frames(video), fps=cfg.data.fps, scale=4)
-    return {"rows": rows, "n": n, "teacher_seconds": t_teacher, "student_seconds": t_student}
+    return {"rows": rows, "n": n, **timings}
 
 
-def run_demo(cfg: RunConfig, config_path: Path, run_dir: Path, overrides: list[str], *, nproc: int = 2,
-             eval_clips: int = 100) -> str:
+def run_demo(
+    cfg: RunConfig, config_path: Path, run_dir: Path, overrides: list[str], *, nproc: int = 2, eval_clips: int = 100
+) -> str:
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "demo-config.yaml")
@@ -113,13 +157,14 @@ def run_demo(cfg: RunConfig, config_path: Path, run_dir: Path, overrides: list[s
     result = evaluate(cfg, run_dir, eval_clips)
     table = format_table(result["rows"])
     total = time.time() - t_start
+    times = ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in result.items() if k.endswith("_seconds"))
     summary = (
-        f"{table}\n\n{result['n']} held-out prompts. Sampling: teacher {result['teacher_seconds']:.1f} s, "
-        f"student {result['student_seconds']:.1f} s. Distillation {t_distill / 60:.1f} min; demo total "
-        f"{total / 60:.1f} min.\nVideos: {run_dir / 'videos'} and {run_dir / 'samples'}; "
-        f"student weights: {run_dir / 'export' / 'transformer'}"
+        f"{table}\n\n{result['n']} held-out prompts. Sampling: {times}.\n"
+        f"Distillation {t_distill / 60:.1f} min; demo total {total / 60:.1f} min.\n"
+        f"Videos: {run_dir / 'videos'} and {run_dir / 'samples'}; student weights: {run_dir / 'export' / 'transformer'}"
     )
     (run_dir / "metrics.md").write_text(summary + "\n")
-    (run_dir / "metrics.json").write_text(json.dumps({**result, "distill_seconds": t_distill, "total": total},
-                                                     indent=1, default=float))
+    (run_dir / "metrics.json").write_text(
+        json.dumps({**result, "distill_seconds": t_distill, "total": total}, indent=1, default=float)
+    )
     return summary

@@ -8,6 +8,7 @@ import torch
 
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import sample_student, sample_teacher
+from engine.diffusion.vif import sample_vif
 from engine.toy.codec import ToyCodec
 
 
@@ -54,6 +55,28 @@ def student_latents(model, context, latent_shape, schedule: FlowSchedule, timest
 
     def fn(noise, ctx, g):
         return sample_student(model, noise, ctx, schedule, timesteps, g)
+
+    return _batched(fn, context, latent_shape, seed, batch)
+
+
+@torch.no_grad()
+def vif_latents(
+    model,
+    interpolator,
+    context,
+    latent_shape,
+    schedule: FlowSchedule,
+    timesteps,
+    *,
+    half_rate_steps=2,
+    rope_positions="contiguous",
+    seed=0,
+    batch=64,
+):
+    """(N, C, F, h, w) latents from the VIF sampler (the first half_rate_steps at half frame rate)."""
+
+    def fn(noise, ctx, g):
+        return sample_vif(model, interpolator, noise, ctx, schedule, timesteps, g, half_rate_steps, rope_positions)
 
     return _batched(fn, context, latent_shape, seed, batch)
 
