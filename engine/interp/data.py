@@ -14,6 +14,7 @@ with ``B / W`` samples each the union of one step's batches is the global batch 
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ class LatentSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class _Ordered:
+class _Ordered(abc.ABC):
     """Shared part of the indexed sources: ShardedOrder over ``num_samples`` and batching of ``sample(i)``."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool):
@@ -48,8 +49,9 @@ class _Ordered:
         self.order = ShardedOrder(num_samples, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
         self._pos = Position()
 
-    def sample(self, index: int) -> torch.Tensor | None:  # (C, F, H, W), or None to skip
-        raise NotImplementedError
+    @abc.abstractmethod
+    def sample(self, index: int) -> torch.Tensor | None:
+        """Sample ``index`` as (C, F, H, W), or None to skip it."""
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         buf: list[torch.Tensor] = []

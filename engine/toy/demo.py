@@ -142,6 +142,27 @@ def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
     return {"rows": rows, "n": n, **timings}
 
 
+def _evaluate_vif(cfg, parts, student, ctx, shape, params, ref, rows, outputs, timings) -> None:
+    """The student with VIF, with both RoPE position choices for the half-rate steps (issue: pick the better)."""
+    interp = load_interpolator(cfg.interp.checkpoint).eval()
+    k = cfg.interp.half_rate_steps
+    for rope in ("contiguous", "stride2"):
+        t0 = time.time()
+        lat = vif_latents(
+            student,
+            interp,
+            ctx,
+            shape,
+            parts.schedule,
+            cfg.diffusion.student_timesteps,
+            half_rate_steps=k,
+            rope_positions=rope,
+        )
+        timings[f"vif_{rope}_seconds"] = time.time() - t0
+        rows[f"student + VIF ({k} half-rate steps, {rope} RoPE)"] = _videos_row(cfg, parts, lat, params, ref)
+        outputs[f"vif_{rope}"] = lat
+
+
 def run_demo(
     cfg: RunConfig, config_path: Path, run_dir: Path, overrides: list[str], *, nproc: int = 2, eval_clips: int = 100
 ) -> str:
