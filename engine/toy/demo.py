@@ -112,8 +112,8 @@ def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
     real = real_rows(cfg.toy, parts.codec)
     rows = {
         **real,
-        "teacher (50 steps, CFG)": _videos_row(cfg, parts, teacher, params, ref),
-        "student (4 steps)": _videos_row(cfg, parts, student, params, ref),
+        f"teacher ({d.teacher_steps} steps, CFG {d.guidance_scale:g})": _videos_row(cfg, parts, teacher, params, ref),
+        f"student ({len(d.student_timesteps)} steps)": _videos_row(cfg, parts, student, params, ref),
     }
     outputs = {"teacher": teacher, "student": student}
     timings = {"teacher_seconds": t_teacher, "student_seconds": t_student}

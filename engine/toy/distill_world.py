@@ -38,15 +38,15 @@ def make_toy_world(cfg: RunConfig, device: torch.device) -> World:
         """Collective under ZeRO-3 (every rank runs the same forwards); rank 0 writes the mp4 files."""
         was_training = generator.training
         generator.eval()
-        seed = cfg.logging.sample_seeds[0] if cfg.logging.sample_seeds else 0
-        latents = student_latents(
-            generator, context.to(device), shape, parts.schedule, cfg.diffusion.student_timesteps, seed=seed
-        )
+        for seed in cfg.logging.sample_seeds or [0]:
+            latents = student_latents(
+                generator, context.to(device), shape, parts.schedule, cfg.diffusion.student_timesteps, seed=seed
+            )
+            if dist.is_main():
+                videos = decode(parts.codec, latents.cpu())
+                for i, (prompt, video) in enumerate(zip(prompts, videos)):
+                    name = f"step{step:07d}_seed{seed}_{i:02d}_" + "_".join(prompt.split()[:4]) + ".mp4"
+                    write_mp4(out_dir / name, to_frames(video), fps=cfg.data.fps, scale=4)
         generator.train(was_training)
-        if dist.is_main():
-            videos = decode(parts.codec, latents.cpu())
-            for i, (prompt, video) in enumerate(zip(prompts, videos)):
-                name = f"step{step:07d}_{i:02d}_" + "_".join(prompt.split()[:4]) + ".mp4"
-                write_mp4(out_dir / name, to_frames(video), fps=cfg.data.fps, scale=4)
 
     return World(source=source, uncond=parts.uncond, latent_shape=shape, sampler=sampler)
