@@ -33,6 +33,7 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "hypothesis>=6",
         "ruff>=0.6",
+        "accelerate>=1.0",  # diffusers' from_pretrained of WanTransformer3DModel (fp32-kept modules) requires it
     ],
 }
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import model_preset
+from engine.config import load_config, model_preset
 from engine.data.mp4 import probe
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import sample_student
@@ -102,7 +102,8 @@ def test_student_vif_and_teacher_samplers(tmp_path, deploy, trained):
     teach = infos["teacher"]
     # toy.yaml: shift 2; Euler grid s = 1, 2/3, 1/3 shifted by s' = 2 s / (1 + s): 1, 0.8, 0.5
     assert teach["timesteps"] == pytest.approx([1000.0, 800.0, 500.0], abs=1e-3) and teach["steps"] == 3
-    assert teach["guidance"] == {"scale": 5.0, "form": "standard"} and teach["negative_prompt"] == ""
+    d = load_config(TOY_YAML).diffusion  # the toy recipe's guidance
+    assert teach["guidance"] == {"scale": d.guidance_scale, "form": d.guidance_form} and teach["negative_prompt"] == ""
     assert teach["tokens_per_step"] == [2 * 144] * 3  # CFG: conditional + unconditional pass
     assert teach["models"]["dit"] == str(trained["teacher"])
 
