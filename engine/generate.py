@@ -38,7 +38,7 @@ from engine.config import ConfigError, ModelConfig, RunConfig, replace, resolve_
 from engine.data.mp4 import to_frames, write_mp4, write_sidecar
 from engine.deploy import check_state, deploy_root, is_trainer_checkpoint, trainer_model_config, zero_state
 from engine.diffusion.flow import FlowSchedule
-from engine.diffusion.samplers import sample_student, sample_teacher
+from engine.diffusion.samplers import SampleNoise, sample_student, sample_teacher
 from engine.diffusion.vif import check_vif, sample_vif
 from engine.models.checkpoint import (
     CheckpointError,
@@ -279,21 +279,6 @@ def plan_generation(cfg: RunConfig, settings: GenerateSettings) -> Plan:
 # ---------------------------------------------------------------------------------------------------------------------
 # Sampling with one generator per video
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class SampleNoise:
-    """A NoiseSource with one CPU generator per video, seeded with its seed: each video's draws do not depend on the
-    batch it is generated in (engine.diffusion.samplers.NoiseSource)."""
-
-    def __init__(self, seeds: list[int]):
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-
-    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """(B, ...) standard normal with row b from generator b (B = number of seeds)."""
-        if shape[0] != len(self.generators):
-            raise ValueError(f"noise for {shape[0]} videos requested from {len(self.generators)} seeds")
-        rows = [torch.randn(shape[1:], generator=g) for g in self.generators]
-        return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 class TimedInterpolator:

@@ -18,6 +18,21 @@ NoiseSource = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tenso
 the batch it is in). A plain ``torch.Generator`` is accepted wherever a NoiseSource is."""
 
 
+class SampleNoise:
+    """A NoiseSource with one CPU generator per video, seeded with its seed: each video's draws do not depend on the
+    batch (or the rank) it is generated on."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """(B, ...) standard normal with row b from generator b (B = number of seeds)."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for {shape[0]} videos requested from {len(self.generators)} seeds")
+        rows = [torch.randn(shape[1:], generator=g) for g in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+
 def fresh_noise(
     source: torch.Generator | NoiseSource, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:

@@ -59,6 +59,15 @@ def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item() > 0)
 
 
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape and dtype on each), in rank order."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return [t]
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and world_size() > 1):
         return obj

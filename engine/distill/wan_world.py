@@ -15,7 +15,6 @@ cached embeddings, or encoded online). Configured prompts are never replaced sil
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -24,13 +23,11 @@ from safetensors import safe_open
 from engine.config import ConfigError, RunConfig
 from engine.data.cache import CacheError, read_index, read_negative
 from engine.data.interfaces import latent_shape
-from engine.data.mp4 import to_frames, write_mp4
 from engine.data.source import CacheDataset, build_source
-from engine.diffusion.flow import FlowSchedule
-from engine.diffusion.samplers import sample_student
 from engine.distill import dist
 from engine.distill.data import Batch
 from engine.distill.job import World
+from engine.distill.samples import make_sampler
 
 log = logging.getLogger("vidistill.train")
 NUM_DEFAULT_SAMPLES = 4  # sample videos from the data's first captions when no prompts are configured
@@ -188,55 +185,6 @@ class StreamSource:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Samples
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def student_samples(model, context, shape, schedule: FlowSchedule, timesteps, seed: int, chunk: int) -> torch.Tensor:
-    """(N, C, F, H, W) few-step samples for context (N, L, D), ``chunk`` at a time; sample i starts from noise
-    seeded by (seed, i), so a prompt's video does not depend on the other prompts."""
-    out = []
-    for start in range(0, context.shape[0], chunk):
-        ctx = context[start : start + chunk]
-        gens = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(ctx.shape[0])]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(ctx.device)  # (b, C, F, H, W)
-        renoise = torch.Generator().manual_seed(seed * 100_003 + start + 50_021)
-        out.append(sample_student(model, noise, ctx, schedule, list(timesteps), renoise).float().cpu())
-    return torch.cat(out)
-
-
-def sample_name(step: int, seed: int, i: int, prompt: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48] or "prompt"
-    return f"step{step:07d}_seed{seed}_{i:02d}_{slug}.mp4"
-
-
-def make_sampler(cfg: RunConfig, prompts: list[str], context: torch.Tensor, codec, shape, device):
-    """sampler(generator, step): 4-step videos of ``prompts`` for every sample seed into <run_dir>/samples/.
-    Collective under ZeRO-3 (every rank runs the same forwards); rank 0 decodes (``codec``) and writes the mp4s."""
-    out_dir = Path(cfg.logging.run_dir) / "samples"
-    schedule = FlowSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.shift)
-    seeds = list(cfg.logging.sample_seeds) or [0]
-    chunk = cfg.optim.micro_batch_size  # a batch that fits training (with gradients) fits no-grad sampling
-    context = context.to(device)
-
-    def sampler(generator: torch.nn.Module, step: int) -> None:
-        was_training = generator.training
-        generator.eval()
-        t = cfg.diffusion.student_timesteps
-        latents = {s: student_samples(generator, context, shape, schedule, t, s, chunk) for s in seeds}
-        generator.train(was_training)
-        if not dist.is_main():
-            return
-        for seed, lat in latents.items():
-            for i, prompt in enumerate(prompts):
-                video = codec.decode(lat[i : i + 1])[0]  # (3, T, H, W); one at a time bounds the decoder's memory
-                write_mp4(out_dir / sample_name(step, seed, i, prompt), to_frames(video), fps=cfg.data.fps)
-
-    return sampler
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The two data sources
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -305,6 +253,9 @@ def make_wan_world(cfg: RunConfig, device: torch.device) -> World:
         stream, uncond, samples = _from_cache(cfg, device)
     else:
         stream, uncond, samples = _online(cfg, device, shape)
-    sampler = make_sampler(cfg, *samples, shape, device) if samples else None
+    sampler = None
+    if samples:
+        prompts, context, codec = samples
+        sampler = make_sampler(cfg, prompts, context, lambda lat: codec.decode(lat)[0], shape, device)
     source = StreamSource(stream, shape, device, kind=cfg.data.source)
     return World(source=source, uncond=uncond.to(device), latent_shape=shape, sampler=sampler)

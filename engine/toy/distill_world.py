@@ -3,18 +3,16 @@ prompt for CFG, and a sampler that writes 4-step sample videos of fixed prompts.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from engine.config import RunConfig
-from engine.data.mp4 import to_frames, write_mp4
 from engine.distill import dist
 from engine.distill.data import TensorSource
 from engine.distill.job import World
+from engine.distill.samples import make_sampler
 from engine.toy.data import toy_tensors
 from engine.toy.recipes import toy_parts
-from engine.toy.sampling import decode, student_latents
+from engine.toy.sampling import decode
 
 
 def sample_prompts(cfg: RunConfig, val_captions: list[str], n: int = 4) -> list[str]:
@@ -32,21 +30,5 @@ def make_toy_world(cfg: RunConfig, device: torch.device) -> World:
     shape = tuple(train.latents.shape[1:])
     prompts = sample_prompts(cfg, val.captions)
     context, _ = parts.text.encode(prompts)
-    out_dir = Path(cfg.logging.run_dir) / "samples"
-
-    def sampler(generator: torch.nn.Module, step: int) -> None:
-        """Collective under ZeRO-3 (every rank runs the same forwards); rank 0 writes the mp4 files."""
-        was_training = generator.training
-        generator.eval()
-        for seed in cfg.logging.sample_seeds or [0]:
-            latents = student_latents(
-                generator, context.to(device), shape, parts.schedule, cfg.diffusion.student_timesteps, seed=seed
-            )
-            if dist.is_main():
-                videos = decode(parts.codec, latents.cpu())
-                for i, (prompt, video) in enumerate(zip(prompts, videos)):
-                    name = f"step{step:07d}_seed{seed}_{i:02d}_" + "_".join(prompt.split()[:4]) + ".mp4"
-                    write_mp4(out_dir / name, to_frames(video), fps=cfg.data.fps, scale=4)
-        generator.train(was_training)
-
+    sampler = make_sampler(cfg, prompts, context, lambda lat: decode(parts.codec, lat)[0], shape, device, view_scale=4)
     return World(source=source, uncond=parts.uncond, latent_shape=shape, sampler=sampler)

@@ -24,7 +24,8 @@ from engine.data.mp4 import probe
 from engine.data.source import build_source
 from engine.data.text import UMT5TextEncoder
 from engine.data.vae import WanVAE
-from engine.distill.wan_world import StreamSource, check_wan_config, make_wan_world, sample_name
+from engine.distill.samples import sample_name
+from engine.distill.wan_world import StreamSource, check_wan_config, make_wan_world
 from engine.models.checkpoint import load_weights, save_weights
 from engine.models.wan import WanModel
 from launcher import precompute as precompute_cli

@@ -14,13 +14,12 @@ import torch
 from engine.config import load_config, model_preset
 from engine.data.mp4 import probe
 from engine.diffusion.flow import FlowSchedule
-from engine.diffusion.samplers import sample_student
+from engine.diffusion.samplers import SampleNoise, sample_student
 from engine.diffusion.vif import sample_vif
 from engine.generate import (
     Clock,
     GenerateSettings,
     Generator,
-    SampleNoise,
     plan_generation,
 )
 from engine.models.checkpoint import save_weights

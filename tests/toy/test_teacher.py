@@ -41,8 +41,16 @@ def test_flow_matching_loss_is_the_velocity_mse():
 
 
 def _trainer(tmp_path, steps, name="run"):
-    cfg = ToyTeacherConfig(steps=steps, batch_size=4, lr=1e-3, warmup_steps=2, save_every=3, caption_dropout=0.5,
-                           out_dir=str(tmp_path / name), export_dir=str(tmp_path / name / "export"))
+    cfg = ToyTeacherConfig(
+        steps=steps,
+        batch_size=4,
+        lr=1e-3,
+        warmup_steps=2,
+        save_every=3,
+        caption_dropout=0.5,
+        out_dir=str(tmp_path / name),
+        export_dir=str(tmp_path / name / "export"),
+    )
     model_cfg = model_preset("tiny", gradient_checkpointing=False)
     g = torch.Generator().manual_seed(1)
     data = (torch.randn(10, 4, 3, 4, 4, generator=g), torch.randn(10, 6, 16, generator=g))
