@@ -40,9 +40,9 @@ EXTRAS = {
 setup(
     name="vidistill",
     version="0.1.0",
-    description="Few-step video diffusion distillation (DMD + adaptive regression + temporal regularization) for Wan2.1",
+    description="Few-step video diffusion distillation (DMD, adaptive regression, temporal regularization) for Wan2.1",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "launcher", "launcher.*"]),
-    package_data={"engine": ["assets/*"]},
+    package_data={"engine": ["assets/*", "assets/*/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

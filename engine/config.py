@@ -621,6 +621,10 @@ def _validate_toy(cfg: RunConfig) -> None:
         cfg.toy.validate()
     except ValueError as exc:
         raise ConfigError(f"config key `toy`: {exc}") from exc
+    if cfg.vae.kind == "toy":  # the toy world renders its own clips: the data section must give the same shape
+        for key in ("num_frames", "height", "width"):
+            want, got = getattr(cfg.toy, key), getattr(cfg.data, key)
+            _require(got == want, f"data.{key}", f"{got} differs from the toy world's toy.{key}={want}; set both")
     t = cfg.toy_teacher
     _require(t.steps >= 1, "toy_teacher.steps", "must be >= 1")
     _require(t.batch_size >= 1, "toy_teacher.batch_size", "must be >= 1")

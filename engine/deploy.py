@@ -82,7 +82,7 @@ class _Materialized:
             yield name, lazy.contiguous().to(self.dtype)
 
 
-def _interpolator_dir(src: str | Path) -> Path:
+def interpolator_dir(src: str | Path) -> Path:
     """An interpolator export, or a run/step directory holding one as ``interpolator/``."""
     src = Path(src)
     if not (src / "config.json").is_file() and (src / "interpolator").is_dir():
@@ -120,7 +120,7 @@ def export_student(
 def export_interpolator(src: str | Path, deploy_dir: str | Path) -> Path:
     """Validate a trained interpolator (keys, shapes, channels against a student already in ``deploy_dir``) and save
     it as ``<deploy_dir>/interpolator``."""
-    src, out = _interpolator_dir(src), Path(deploy_dir) / "interpolator"
+    src, out = interpolator_dir(src), Path(deploy_dir) / "interpolator"
     config = read_interpolator_config(src)
     if (Path(deploy_dir) / "transformer").is_dir():
         check_channels(config["in_channels"], read_model_config(Path(deploy_dir) / "transformer").in_dim)
@@ -142,7 +142,7 @@ def export_deploy(
     if student is not None:
         in_dim = _architecture(Path(student), run_config).in_dim
         if interpolator is not None:
-            check_channels(read_interpolator_config(_interpolator_dir(interpolator))["in_channels"], in_dim)
+            check_channels(read_interpolator_config(interpolator_dir(interpolator))["in_channels"], in_dim)
         export_student(student, deploy_dir, run_config=run_config, dtype=dtype)
     if interpolator is not None:
         export_interpolator(interpolator, deploy_dir)

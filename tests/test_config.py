@@ -1,8 +1,12 @@
 """The run config: YAML + dotted overrides, errors that name the key, YAML dump round trip, DeepSpeed dict."""
 
+from pathlib import Path
+
 import pytest
 
 from engine.config import ConfigError, deepspeed_config, load_config, to_yaml
+
+TOY = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 
 
 def _write(tmp_path, text):
@@ -48,6 +52,18 @@ def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert f"`{key}`" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("data.num_frames=13", "data.num_frames"), ("data.width=64", "data.width")],
+)
+def test_toy_world_data_must_match_its_clips(override, key):
+    """The toy world renders clips from `toy.*`; a `data.*` that describes other clips is an error, not ignored."""
+    load_config(TOY)  # consistent as shipped
+    with pytest.raises(ConfigError) as err:
+        load_config(TOY, [override])
+    assert f"`{key}`" in str(err.value) and "toy." in str(err.value)
 
 
 def test_bad_files(tmp_path):

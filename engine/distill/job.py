@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, RunConfig, resolve_dtype, save_config
+from engine.deploy import export_interpolator, interpolator_dir
 from engine.distill import dist
 from engine.distill.data import TrainSource
 from engine.distill.export import export_diffusers
 from engine.distill.method import DMDMethod
 from engine.distill.roles import build_roles, resolve_model_config
 from engine.distill.trainer import Trainer
+from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
 
 
 @dataclass
@@ -46,9 +48,23 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
         )
 
 
+def configured_interpolator(cfg: RunConfig, in_dim: int) -> Path | None:
+    """``interp.checkpoint``, checked (present, same latent channels as the student) before anything is built: the
+    export puts it next to the student, so a deployment directory serves the VIF sampler as it is."""
+    if not cfg.interp.checkpoint:
+        return None
+    path = interpolator_dir(cfg.interp.checkpoint)
+    try:
+        check_channels(read_interpolator_config(path)["in_channels"], in_dim)
+    except InterpolatorError as exc:
+        raise ConfigError(f"config key `interp.checkpoint`: {exc}") from exc
+    return path
+
+
 def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> dict:
     """Run (or resume) a distillation job. Returns the trainer's summary on every rank."""
     model_cfg = resolve_model_config(cfg)  # fails on a bad checkpoint path or architecture before anything is built
+    interp = configured_interpolator(cfg, model_cfg.in_dim)
     dist.init()
     check_world_size(cfg, dist.world_size())
     device = dist.device()
@@ -59,6 +75,12 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> 
     method = DMDMethod(cfg, roles, world.uncond, world.latent_shape, device)
     gen = roles.generator.module
     sampler = (lambda step: world.sampler(gen, step)) if world.sampler else None
-    exporter = lambda out: export_diffusers(gen, model_cfg, out)  # noqa: E731
+
+    def exporter(out: Path) -> None:  # collective: every rank takes part in gathering the generator
+        export_diffusers(gen, model_cfg, out)
+        if interp is not None and dist.is_main():
+            export_interpolator(interp, out.parent)
+        dist.barrier()
+
     trainer = Trainer(cfg, method, world.source, sampler=sampler, exporter=exporter, on_step=on_step)
     return trainer.run()

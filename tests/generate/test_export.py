@@ -140,3 +140,21 @@ def test_zero3_export_needs_the_run_config(tmp_path, zero_run, capsys):
     args = ["--checkpoint", str(moved), "--config", str(zero_run / "config.yaml"), "--out", str(tmp_path / "d")]
     assert export_cli.main([*args, "--dtype", "bf16"]) == 0
     assert {t.dtype for t in tensors(tmp_path / "d" / "transformer").values()} == {torch.bfloat16}
+
+
+def test_a_distillation_checks_its_configured_interpolator_before_building(tmp_path):
+    """interp.checkpoint is exported next to the student at the end of a job; a missing one or one of another latent
+    space is a config error at the start, not after hours of training."""
+    from engine.config import ConfigError
+    from engine.distill.job import configured_interpolator
+
+    cfg = load_config(TOY_YAML)
+    good = save_interp(tmp_path / "run" / "interpolator", in_channels=16)
+    assert configured_interpolator(load_config(TOY_YAML, ["interp.checkpoint=null"]), 16) is None
+    assert configured_interpolator(load_config(TOY_YAML, [f"interp.checkpoint={good}"]), 16) == good
+    assert configured_interpolator(load_config(TOY_YAML, [f"interp.checkpoint={good.parent}"]), 16) == good  # run dir
+    with pytest.raises(ConfigError, match="`interp.checkpoint`.*not found"):
+        configured_interpolator(load_config(TOY_YAML, [f"interp.checkpoint={tmp_path / 'none'}"]), 16)
+    with pytest.raises(ConfigError, match="`interp.checkpoint`.*8 latent channels"):
+        configured_interpolator(load_config(TOY_YAML, [f"interp.checkpoint={save_interp(tmp_path / 'i8', 8)}"]), 16)
+    assert cfg.interp.checkpoint  # the toy recipe ships one

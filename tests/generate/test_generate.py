@@ -258,9 +258,13 @@ def test_interpolator_with_other_channels_than_the_student(tmp_path, corrupt_dep
 
 
 def test_frame_count_that_cannot_be_halved(tmp_path, corrupt_deploy, capsys):
+    # the toy world's clips are odd by construction: an even data.num_frames is refused with the config, before weights
     args = ["--student", str(corrupt_deploy), "--sampler", "vif", "--prompt", "a", "data.num_frames=8"]
-    err = fails(capsys, tmp_path, *args)  # toy codec: temporal stride 1, so 8 latent frames
-    assert "data.num_frames=8" in err and "8 latent frames cannot be halved" in err
+    err = fails(capsys, tmp_path, *args)
+    assert "`data.num_frames`" in err and "toy.num_frames=9" in err
+    args = [*args, "toy.num_frames=8"]  # ... and so is a world of even clips
+    err = fails(capsys, tmp_path, *args)
+    assert "num_frames" in err and "must be odd" in err
 
 
 def test_unknown_world(tmp_path, corrupt_deploy, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine.config import model_preset
 from engine.data.mp4 import probe
@@ -43,5 +44,10 @@ def test_demo_runs_end_to_end_and_reprints_without_redoing(tmp_path):
         assert probe(run_dir / "videos" / name)["frames"] == 9
     assert list((run_dir / "samples").glob("step0000002_seed0_*.mp4"))  # the trainer's own end-of-run samples
     assert (run_dir / "export" / "transformer" / "config.json").is_file()
+    # the configured interpolator (interp.checkpoint) is exported next to the student: the directory serves VIF as is
+    shipped = ROOT / "engine" / "assets" / "toy_interpolator" / "model.safetensors"
+    exported = load_file(run_dir / "export" / "interpolator" / "model.safetensors")
+    assert exported.keys() == load_file(shipped).keys()
+    assert all(torch.equal(exported[k], v) for k, v in load_file(shipped).items())
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "skipping" in again.stdout  # the finished distillation is not redone
