@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engine.toy.demo import run_demo
 
-    print(run_demo(cfg, Path(args.config), Path(args.run_dir), args.overrides, nproc=args.nproc,
-                   eval_clips=args.eval_clips))
+    print(
+        run_demo(
+            cfg, Path(args.config), Path(args.run_dir), args.overrides, nproc=args.nproc, eval_clips=args.eval_clips
+        )
+    )
     return 0
 
 
