@@ -321,7 +321,9 @@ class InterpConfig:
     half_rate_steps: int = 2
     """VIF: the first k of the student's steps run at half frame rate."""
     rope_positions: Literal["contiguous", "stride2"] = "contiguous"
-    """Frame positions given to RoPE for half-rate steps."""
+    """Frame positions given to RoPE for half-rate steps: contiguous (0, 1, 2, ...) or stride2 (0, 2, 4, ...). The toy
+    world measures contiguous better (demo, 100 prompts: instance preservation 0.53 vs 0.35, shape 0.83 vs 0.73,
+    Frechet distance 1.64 vs 2.19; stride2 keeps more motion: travel 7.3 vs 4.2)."""
     residual: bool = True
     """Predict a correction to the average of the two frames (an untrained net is the linear blend)."""
     weight_decay: float = 0.01
