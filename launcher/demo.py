@@ -33,11 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engine.toy.demo import run_demo
 
-    print(
-        run_demo(
+    try:
+        summary = run_demo(
             cfg, Path(args.config), Path(args.run_dir), args.overrides, nproc=args.nproc, eval_clips=args.eval_clips
         )
-    )
+    except ConfigError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    print(summary)
     return 0
 
 

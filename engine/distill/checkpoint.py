@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from engine.config import ConfigError
 from engine.distill import dist
 
 COMPLETE = "COMPLETE"
@@ -95,7 +96,7 @@ def find_resume(root: Path, resume: str) -> Path | None:
     if resume != "auto":
         path = Path(resume)
         if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(f"checkpoint.resume={resume}: not a complete checkpoint (no {COMPLETE} marker)")
+            raise ConfigError(f"config key `checkpoint.resume`: {resume} is not a complete checkpoint (no {COMPLETE})")
         return path
     latest = Path(root) / "latest"
     if latest.is_file():
@@ -106,14 +107,33 @@ def find_resume(root: Path, resume: str) -> Path | None:
     return done[-1] if done else None
 
 
+def read_shared(path: Path) -> dict:
+    """The trainer state every rank shares (step, method state, teacher fingerprint, ...), without the engines."""
+    return torch.load(Path(path) / "trainer" / "shared.pt", weights_only=False)
+
+
 def load(path: Path, engines: dict) -> tuple[dict, dict]:
     """Collective: load engine states; return (shared_state, this rank's state)."""
     for tag, engine in engines.items():
         load_path, _ = engine.load_checkpoint(str(path), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag} from {path}")
-    shared = torch.load(path / "trainer" / "shared.pt", weights_only=False)
+    shared = read_shared(path)
     rank_file = path / "trainer" / f"rank_{dist.rank():05d}.pt"
     if not rank_file.is_file():
         raise RuntimeError(f"{rank_file} missing: the checkpoint was written by a run with a different world size")
     return shared, torch.load(rank_file, weights_only=False)
+
+
+def check_teacher(root: Path, resume: str, teacher_id: str | None, teacher_path: str | None) -> None:
+    """A run resumes only against the teacher it was trained with: the generator and critic in its checkpoint were
+    initialized from, and distilled against, those weights. Checked before any model is built."""
+    path = find_resume(root, resume)
+    if path is None or teacher_id is None:
+        return
+    saved = read_shared(path).get("teacher")
+    if saved is not None and saved != teacher_id:
+        raise ConfigError(
+            f"config key `model.checkpoint`: {path} was distilled from other teacher weights (fingerprint {saved}) "
+            f"than {teacher_path} holds now ({teacher_id}); restore that teacher, or start a new logging.run_dir"
+        )

@@ -13,12 +13,14 @@ import torch
 
 from engine.config import ConfigError, RunConfig, resolve_dtype, save_config
 from engine.deploy import export_interpolator, interpolator_dir
+from engine.distill import checkpoint as ckpt
 from engine.distill import dist
 from engine.distill.data import TrainSource
 from engine.distill.export import export_diffusers
 from engine.distill.method import DMDMethod
 from engine.distill.roles import build_roles, resolve_model_config
 from engine.distill.trainer import Trainer
+from engine.models.checkpoint import weights_fingerprint
 from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
 
 
@@ -65,6 +67,10 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> 
     """Run (or resume) a distillation job. Returns the trainer's summary on every rank."""
     model_cfg = resolve_model_config(cfg)  # fails on a bad checkpoint path or architecture before anything is built
     interp = configured_interpolator(cfg, model_cfg.in_dim)
+    teacher_id = weights_fingerprint(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    ckpt.check_teacher(
+        Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, teacher_id, cfg.model.checkpoint
+    )
     dist.init()
     check_world_size(cfg, dist.world_size())
     device = dist.device()
@@ -82,5 +88,7 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> 
             export_interpolator(interp, out.parent)
         dist.barrier()
 
-    trainer = Trainer(cfg, method, world.source, sampler=sampler, exporter=exporter, on_step=on_step)
+    trainer = Trainer(
+        cfg, method, world.source, sampler=sampler, exporter=exporter, on_step=on_step, teacher_id=teacher_id
+    )
     return trainer.run()

@@ -39,8 +39,10 @@ class Trainer:
         sampler: Callable[[int], None] | None = None,
         exporter: Callable[[Path], None] | None = None,
         on_step: Callable[[Trainer, dict | None], None] | None = None,
+        teacher_id: str | None = None,
     ):
         self.cfg, self.method, self.source = cfg, method, source
+        self.teacher_id = teacher_id  # fingerprint of the teacher weights, kept in every checkpoint
         self.sampler, self.exporter, self.on_step = sampler, exporter, on_step
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -63,6 +65,7 @@ class Trainer:
             "shared_rng": self.shared.get_state(),
             "skipped": dict(self.skipped),
             "in_a_row": self.in_a_row,
+            "teacher": self.teacher_id,
         }
 
     def _rank_state(self) -> dict:

@@ -7,6 +7,7 @@ checkpoint never needs twice its size in RAM. Missing or unexpected keys are an 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -107,6 +108,22 @@ def weight_files(path: str | Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors file or *.safetensors.index.json found")
     return files
+
+
+def weights_fingerprint(path: str | Path, sample_bytes: int = 4 << 20) -> str:
+    """A cheap identity of a checkpoint's weights: per file its name, size, and the bytes of its first and last
+    ``sample_bytes`` (the safetensors header names and places every tensor; the samples catch retrained values).
+    Reads at most 2 x sample_bytes per file, so a 14B checkpoint costs a few hundred MB of reads, not 28 GB."""
+    digest = hashlib.sha256()
+    for file in weight_files(path):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}\n".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(sample_bytes))
+            if size > sample_bytes:
+                f.seek(max(sample_bytes, size - sample_bytes))
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

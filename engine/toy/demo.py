@@ -16,7 +16,8 @@ import torch
 
 from engine.config import RunConfig, save_config
 from engine.data.mp4 import to_frames, write_mp4
-from engine.models.checkpoint import weight_files
+from engine.distill import checkpoint as ckpt
+from engine.models.checkpoint import weight_files, weights_fingerprint
 from engine.models.interp_unet import load_interpolator
 from engine.toy.data import toy_tensors
 from engine.toy.evaluate import real_rows, reference_for
@@ -44,14 +45,16 @@ def ensure_teacher(cfg: RunConfig) -> Path:
     if _has_weights(path):
         _say(f"teacher: {path} (shipped; `python launcher/train_teacher.py --config configs/toy.yaml` reproduces it)")
         return path
-    _say(f"teacher: {path} missing, training it now (resumable; hours on 2 CPU cores)")
+    _say(f"teacher: {path} missing, training it now (resumable; about 90 minutes on 2 CPU cores)")
     train_teacher(cfg)
     return path
 
 
-def distill(config: Path, run_dir: Path, overrides: list[str], nproc: int) -> float:
+def distill(config: Path, run_dir: Path, overrides: list[str], nproc: int, teacher: Path) -> float:
     """The real job: torchrun on ``nproc`` CPU ranks. Resumes if a previous demo was interrupted."""
     export = run_dir / "export" / "transformer"
+    # a finished (or interrupted) run distilled from other teacher weights is an error, not a silent reuse
+    ckpt.check_teacher(run_dir / "checkpoints", "auto", weights_fingerprint(teacher), str(teacher))
     if _has_weights(export):
         _say(f"distillation: {export} exists, skipping (delete {run_dir} to redo)")
         return 0.0
@@ -164,8 +167,8 @@ def run_demo(
     t0 = time.time()
     manifest = ensure_dataset(cfg.toy)
     _say(f"dataset: {manifest} ({time.time() - t0:.1f} s)")
-    ensure_teacher(cfg)
-    t_distill = distill(config_path, run_dir, overrides, nproc)
+    teacher = ensure_teacher(cfg)
+    t_distill = distill(config_path, run_dir, overrides, nproc, teacher)
     _say("evaluating teacher and student on held-out prompts")
     result = evaluate(cfg, run_dir, eval_clips)
     table = format_table(result["rows"])

@@ -5,6 +5,7 @@ Each test launches tests/distill/ds_worker.py under torchrun (a real multi-proce
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,17 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, teacher):
         overrides=["train.max_nonfinite_in_a_row=1"],
     )
     assert proc.returncode != 0 and "max_nonfinite_in_a_row" in proc.stderr
+
+
+def test_resume_against_a_retrained_teacher_fails_before_building(tmp_path, teacher):
+    own = tmp_path / "teacher"
+    shutil.copytree(teacher, own)
+    first, run_dir = launch(tmp_path, own, "run", steps=2, every=2, nproc=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cfg = model_preset("tiny")
+    other = WanModel(cfg)  # same architecture, other weights
+    save_weights(other, cfg, own)
+    again, _ = launch(tmp_path, own, "run", steps=4, every=2, nproc=1)
+    assert again.returncode != 0
+    assert "`model.checkpoint`" in again.stderr and "distilled from other teacher weights" in again.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"  # untouched

@@ -21,6 +21,7 @@ from engine.models.checkpoint import (
     read_model_config,
     save_weights,
     weight_files,
+    weights_fingerprint,
 )
 from engine.models.wan import WanModel, build_model
 
@@ -160,3 +161,23 @@ def test_configs_round_trip():
     for raw in (diffusers_config(cfg), official_config(cfg)):
         back = model_config_from_json(raw)
         assert (back.dim, back.num_heads, back.ffn_dim, back.num_layers) == (5120, 40, 13824, 40)
+
+
+def test_weights_fingerprint_follows_the_values_not_the_location(tmp_path):
+    cfg = model_preset("tiny")
+    model = _random_model(cfg)
+    save_weights(model, cfg, tmp_path / "a")
+    save_weights(model, cfg, tmp_path / "copy")  # same weights elsewhere: same identity
+    assert weights_fingerprint(tmp_path / "a") == weights_fingerprint(tmp_path / "copy")
+    with torch.no_grad():
+        model.blocks[0].ffn[0].weight[0, 0] += 1.0  # one value retrained
+    save_weights(model, cfg, tmp_path / "b")
+    assert weights_fingerprint(tmp_path / "b") != weights_fingerprint(tmp_path / "a")
+    # large files are sampled at both ends: a change in the tail is seen with a sample smaller than the file
+    files = weight_files(tmp_path / "a")
+    assert len(files) == 1 and files[0].stat().st_size > 2 * 4096
+    last = list(model.state_dict())[-1]
+    with torch.no_grad():
+        model.state_dict()[last].view(-1)[-1] += 1.0
+    save_weights(model, cfg, tmp_path / "c")
+    assert weights_fingerprint(tmp_path / "c", sample_bytes=4096) != weights_fingerprint(tmp_path / "b", 4096)

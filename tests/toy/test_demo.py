@@ -51,3 +51,11 @@ def test_demo_runs_end_to_end_and_reprints_without_redoing(tmp_path):
     assert all(torch.equal(exported[k], v) for k, v in load_file(shipped).items())
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "skipping" in again.stdout  # the finished distillation is not redone
+    # ... but it was distilled from these teacher weights: after a retrain the run is refused, not silently reused
+    with torch.no_grad():
+        model.head.head.weight.add_(0.01)
+    save_weights(model, cfg, teacher)
+    changed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert changed.returncode == 2
+    assert "`model.checkpoint`" in changed.stderr and "distilled from other teacher weights" in changed.stderr
+    assert (run_dir / "export" / "transformer" / "config.json").is_file()  # nothing of the old run was deleted
