@@ -95,7 +95,7 @@ def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
     # the teacher's samples are reused by a re-run only if nothing they depend on changed
     key = {
         "n": n,
-        "weights": [(str(f), f.stat().st_mtime_ns) for f in weight_files(cfg.model.checkpoint)],
+        "weights": weights_fingerprint(cfg.model.checkpoint),  # the same identity the distillation run records
         "sampler": (d.teacher_steps, d.guidance_scale, d.guidance_form, d.shift),
         "world": repr(cfg.toy),
     }
