@@ -11,7 +11,8 @@ INSTALL_REQUIRES = [
     "triton==3.7.1",  # the Triton that torch 2.13 is built against (DESIGN.md section 5)
     "deepspeed==0.19.8",  # build with DS_BUILD_OPS=0: no CUDA ops are compiled at install time
     "diffusers==0.42.1",  # AutoencoderKLWan (VAE) and the WanTransformer3DModel parity reference
-    "transformers>=4.45",
+    # <5.25: transformers 5.25 requires the `kernels` distribution, whose top-level name is our `kernels` package
+    "transformers>=4.45,<5.25",
     "safetensors>=0.4",
     "omegaconf>=2.3",
     "pyyaml>=6",

@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -52,6 +50,7 @@ from engine.models.interp_unet import (
     read_interpolator_config,
 )
 from engine.models.wan import WanModel, build_model
+from engine.train.timer import PhaseTimer
 from kernels._dispatch import kernel_mode
 
 log = logging.getLogger("engine.generate")
@@ -293,22 +292,6 @@ class TimedInterpolator:
             return self.model.interpolate(latents.to(dtype)).to(latents.dtype)
 
 
-class Clock:
-    """Wall time per phase; synchronizes CUDA at phase edges so asynchronous kernels are counted where they run."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        yield
-        sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading (after the plan) and generating
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,7 +367,7 @@ class Generator:
         d = cfg.diffusion
         self.schedule = FlowSchedule(d.num_train_timesteps, d.shift)
 
-    def latents(self, context: torch.Tensor, seeds: list[int], clock: Clock) -> torch.Tensor:
+    def latents(self, context: torch.Tensor, seeds: list[int], clock: PhaseTimer) -> torch.Tensor:
         """(B, C, F, H, W) clean latents for the batch's text embeddings (B, L, D)."""
         cfg, s = self.plan.cfg, self.plan.settings
         noise = SampleNoise(seeds)
@@ -408,7 +391,7 @@ class Generator:
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[dict]:
         """Generate and write one batch; returns the sidecars."""
-        clock = Clock(self.device)
+        clock = PhaseTimer(sync=self.device.type == "cuda")
         with clock("text_encode"):
             context = self.world.encode([j.prompt for j in jobs]).to(self.device)  # (B, L, D)
         latents = self.latents(context, [j.seed for j in jobs], clock)

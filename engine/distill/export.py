@@ -10,8 +10,8 @@ import deepspeed
 import torch
 
 from engine.config import ModelConfig
-from engine.distill import dist
 from engine.models.checkpoint import diffusers_config, official_to_diffusers, write_safetensors
+from engine.train import dist
 
 
 def _gathered(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -13,8 +13,6 @@ import torch
 
 from engine.config import ConfigError, RunConfig, resolve_dtype, save_config
 from engine.deploy import export_interpolator, interpolator_dir
-from engine.distill import checkpoint as ckpt
-from engine.distill import dist
 from engine.distill.data import TrainSource
 from engine.distill.export import export_diffusers
 from engine.distill.method import DMDMethod
@@ -22,6 +20,8 @@ from engine.distill.roles import build_roles, resolve_model_config
 from engine.distill.trainer import Trainer
 from engine.models.checkpoint import weights_fingerprint
 from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
+from engine.train import checkpoint as ckpt
+from engine.train import dist
 
 
 @dataclass

@@ -7,42 +7,17 @@ every rank: the backward-simulation exit step, because under ZeRO-3 every rank m
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from contextlib import contextmanager
-
 import torch
 
 from engine.config import RunConfig
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import guided_velocity
-from engine.distill import dist
 from engine.distill.data import Batch
 from engine.distill.roles import Roles
 from engine.losses import AdaptiveRegressionLoss, critic_flow_loss, dmd_loss, temporal_regularization
 from engine.models.flops import dit_forward_flops
-
-
-class PhaseTimer:
-    """Wall time per phase of a step (CUDA synchronized at phase edges when enabled)."""
-
-    def __init__(self, sync: bool):
-        self.sync = sync and torch.cuda.is_available()
-        self.times: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str):
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.times[phase] += time.perf_counter() - t0
-
-    def pop(self) -> dict[str, float]:
-        out, self.times = dict(self.times), defaultdict(float)
-        return out
+from engine.train import dist
+from engine.train.timer import PhaseTimer
 
 
 class DMDMethod:

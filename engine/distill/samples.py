@@ -21,7 +21,7 @@ from engine.config import RunConfig
 from engine.data.mp4 import to_frames, write_mp4
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import SampleNoise, sample_student
-from engine.distill import dist
+from engine.train import dist
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 """(1, C, F, h, w) latents -> (3, T, H, W) video in [-1, 1]."""

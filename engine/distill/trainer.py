@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from engine.config import RunConfig
-from engine.distill import checkpoint as ckpt
-from engine.distill import dist
 from engine.distill.data import TrainSource
 from engine.distill.method import DMDMethod
-from engine.distill.observe import Observer
+from engine.train import checkpoint as ckpt
+from engine.train import dist
+from engine.train.observe import Observer
 
 
 class NonFiniteLossError(RuntimeError):

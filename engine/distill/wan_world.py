@@ -24,10 +24,10 @@ from engine.config import ConfigError, RunConfig
 from engine.data.cache import CacheError, read_index, read_negative
 from engine.data.interfaces import latent_shape
 from engine.data.source import CacheDataset, build_source
-from engine.distill import dist
 from engine.distill.data import Batch
 from engine.distill.job import World
 from engine.distill.samples import make_sampler
+from engine.train import dist
 
 log = logging.getLogger("vidistill.train")
 NUM_DEFAULT_SAMPLES = 4  # sample videos from the data's first captions when no prompts are configured

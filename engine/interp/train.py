@@ -9,7 +9,7 @@ are exact copies (zero error, zero gradient), so its loss is ours times (F - 1) 
 gradient direction, and AdamW's update is invariant to a constant loss scale (up to eps). Ours reads as "MSE of an
 inserted frame" whatever F is. The PSNR logged next to it is on the generated frames too, against the linear blend.
 
-Checkpoints use the distillation trainer's scheme (``engine.distill.checkpoint``: step directories completed atomically,
+Checkpoints use the distillation trainer's scheme (``engine.train.checkpoint``: step directories completed atomically,
 ``latest``, keep-last-k, per-rank data positions); each step directory also holds the deployable ``interpolator/``.
 """
 
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine.config import RunConfig, save_config
-from engine.distill import checkpoint as ckpt
-from engine.distill import dist
 from engine.interp.data import LatentSource
 from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, load_interpolator, save_interpolator
+from engine.train import checkpoint as ckpt
+from engine.train import dist
 
 logger = logging.getLogger("engine.interp")
 
@@ -232,7 +232,7 @@ def _resume(cfg: RunConfig, engine, source: LatentSource, save_dir: Path) -> int
 
 
 def _save(cfg: RunConfig, engine, source: LatentSource, save_dir: Path, step: int) -> None:
-    """Collective checkpoint (engine.distill.checkpoint: atomic, keep-last-k), then the deployable export inside it."""
+    """Collective checkpoint (engine.train.checkpoint: atomic, keep-last-k), then the deployable export inside it."""
     state = {"source": source.state_dict()}
     final = ckpt.save(save_dir, step, {ENGINE_TAG: engine}, {"step": step}, state, cfg.checkpoint.keep_last)
     if dist.is_main():

@@ -16,7 +16,6 @@ import torch
 
 from engine.config import RunConfig, save_config
 from engine.data.mp4 import to_frames, write_mp4
-from engine.distill import checkpoint as ckpt
 from engine.models.checkpoint import weight_files, weights_fingerprint
 from engine.models.interp_unet import load_interpolator
 from engine.toy.data import toy_tensors
@@ -25,6 +24,7 @@ from engine.toy.metrics import compute_metrics, format_table
 from engine.toy.recipes import load_teacher, toy_parts, train_teacher
 from engine.toy.sampling import decode, student_latents, teacher_latents, vif_latents
 from engine.toy.world import ensure_dataset
+from engine.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from engine.config import RunConfig
-from engine.distill import dist
 from engine.distill.data import TensorSource
 from engine.distill.job import World
 from engine.distill.samples import make_sampler
 from engine.toy.data import toy_tensors
 from engine.toy.recipes import toy_parts
 from engine.toy.sampling import decode
+from engine.train import dist
 
 
 def sample_prompts(cfg: RunConfig, val_captions: list[str], n: int = 4) -> list[str]:

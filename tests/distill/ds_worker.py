@@ -15,9 +15,9 @@ import deepspeed
 import torch
 
 from engine.config import load_config
-from engine.distill import dist
 from engine.distill.data import Batch, TensorSource
 from engine.distill.job import World, run_distillation
+from engine.train import dist
 
 LATENT = (4, 3, 4, 4)  # (C, F, H, W) for the tiny preset (in_dim 4)
 CTX = (6, 16)  # (L, text_dim)

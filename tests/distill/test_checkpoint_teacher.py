@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError
-from engine.distill import checkpoint as ckpt
+from engine.train import checkpoint as ckpt
 
 
 def _fake_checkpoint(root, step, teacher):

@@ -17,7 +17,6 @@ from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import SampleNoise, sample_student
 from engine.diffusion.vif import sample_vif
 from engine.generate import (
-    Clock,
     GenerateSettings,
     Generator,
     plan_generation,
@@ -25,6 +24,7 @@ from engine.generate import (
 from engine.models.checkpoint import save_weights
 from engine.models.interp_unet import InterpUNet
 from engine.models.wan import WanModel
+from engine.train.timer import PhaseTimer
 from launcher import generate as generate_cli
 from tests.generate.conftest import TOY_YAML, save_interp, save_student, toy_config
 
@@ -136,8 +136,8 @@ def test_latents_do_not_depend_on_the_batch(deploy, trained, sampler):
     gen = Generator(plan_generation(toy_config(), settings), "cpu")
     ctx = gen.world.encode(prompts)
     with torch.no_grad():
-        batch = gen.latents(ctx, [5, 6, 7], Clock(gen.device))
-        alone = gen.latents(ctx[1:2], [6], Clock(gen.device))
+        batch = gen.latents(ctx, [5, 6, 7], PhaseTimer())
+        alone = gen.latents(ctx[1:2], [6], PhaseTimer())
     assert torch.allclose(batch[1], alone[0], atol=1e-5, rtol=0)  # measured: <= 3e-6 (float rounding only)
     assert (batch[0] - batch[1]).abs().mean() > 0.1
 

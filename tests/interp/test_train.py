@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import load_config
-from engine.distill.checkpoint import complete_checkpoints
 from engine.interp.data import SyntheticLatents
 from engine.interp.train import evaluate, interp_objective, latent_psnr, micro_batch, train_interp
 from engine.models.interp_unet import InterpolatorError, InterpUNet, drop_frames, load_interpolator
+from engine.train.checkpoint import complete_checkpoints
 
 C, F, H, W = 4, 5, 8, 8  # Wan2.1: 16 channels, 21 frames of 60x104
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError
-from engine.distill import dist
+from engine.train import dist
 
 COMPLETE = "COMPLETE"
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.config import RunConfig
-from engine.distill import dist
+from engine.train import dist
 
 log = logging.getLogger("vidistill.train")
 
