@@ -1,0 +1,28 @@
+"""Worker of the golden-loss test: the toy distillation job through the engine's entry point, per-step losses out.
+
+    torchrun --nproc_per_node 2 tests/train/golden_worker.py OUT.json [overrides of configs/toy.yaml...]
+
+Rank r writes OUT.json with its per-step loss values (Python floats, repr-exact) under "rank<r>".
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from engine.config import load_config
+from engine.distill.job import run_distillation
+from engine.distill.worlds import world_factory
+
+TOY = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
+
+
+def main() -> None:
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = load_config(TOY, overrides)
+    summary = run_distillation(cfg, world_factory(cfg))
+    path = out.with_name(f"{out.stem}.rank{summary['rank']}.json")
+    path.write_text(json.dumps({"step": summary["step"], "losses": summary["losses"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
