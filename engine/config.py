@@ -359,7 +359,9 @@ class ToyTeacherConfig:
     caption_dropout: float = 0.1
     """Share of samples trained with the empty prompt (unconditional branch for CFG)."""
     save_every: int = 500
-    """Resumable state written every N steps."""
+    """Checkpoint (exact resume) every N steps."""
+    log_every: int = 100
+    """Mean loss over the last N steps to ``<out_dir>/train.log``."""
     out_dir: str = "runs/toy-teacher"
     """Training state and logs."""
     export_dir: str = "engine/assets/toy_teacher"

@@ -3,8 +3,8 @@
     python launcher/train_teacher.py --config configs/toy.yaml [toy_teacher.steps=2000 ...]
     python launcher/train_teacher.py --config configs/toy.yaml --eval 64     # score the exported teacher
 
-Re-running the same command continues from <toy_teacher.out_dir>/state.pt; the EMA weights are exported to
-<toy_teacher.export_dir> (diffusers layout) at the end.
+Re-running the same command continues from the newest checkpoint in <toy_teacher.out_dir>/checkpoints (exact resume);
+the EMA weights are exported to <toy_teacher.export_dir> (diffusers layout) at the end.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ from engine.distill.data import TrainSource
 from engine.distill.export import export_diffusers
 from engine.distill.method import DMDMethod
 from engine.distill.roles import build_roles, resolve_model_config
-from engine.distill.trainer import Trainer
 from engine.models.checkpoint import weights_fingerprint
 from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
 from engine.train import checkpoint as ckpt
 from engine.train import dist
+from engine.train.loop import Loop, LoopSettings
 
 
 @dataclass
@@ -82,13 +82,24 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> 
     gen = roles.generator.module
     sampler = (lambda step: world.sampler(gen, step)) if world.sampler else None
 
-    def exporter(out: Path) -> None:  # collective: every rank takes part in gathering the generator
-        export_diffusers(gen, model_cfg, out)
+    export = Path(cfg.logging.run_dir) / "export" / "transformer"
+
+    def exporter() -> None:  # collective: every rank takes part in gathering the generator
+        export_diffusers(gen, model_cfg, export)
         if interp is not None and dist.is_main():
-            export_interpolator(interp, out.parent)
+            export_interpolator(interp, export.parent)
         dist.barrier()
 
-    trainer = Trainer(
-        cfg, method, world.source, sampler=sampler, exporter=exporter, on_step=on_step, teacher_id=teacher_id
+    loop = Loop(
+        LoopSettings.of(cfg),
+        method,
+        world.source,
+        cfg=cfg,
+        on_step=on_step,
+        sampler=sampler,
+        sample_every=cfg.logging.sample_every,
+        exporter=exporter if cfg.checkpoint.export else None,
+        export_done=lambda: (export / "config.json").is_file(),
+        meta={"teacher": teacher_id},
     )
-    return trainer.run()
+    return loop.run()

@@ -1,8 +1,9 @@
 """The distillation method (paper Algorithm 1): DMD2 with the adaptive regression and temporal regularization losses.
 
-The method owns the roles and the losses; the trainer loop (engine/distill/trainer.py) only decides which step runs
-when. Every random draw takes an explicit generator: ``rng`` (per rank: noise, timesteps) and ``shared`` (identical on
-every rank: the backward-simulation exit step, because under ZeRO-3 every rank must run the same number of forwards).
+The method owns the roles, the losses, the 5:1 schedule and its random generators; the loop (engine/train/loop.py)
+applies the updates it yields, checkpoints and logs. Every random draw takes an explicit generator: ``rng`` (per rank:
+noise, timesteps) and ``shared`` (identical on every rank: the backward-simulation exit step, because under ZeRO-3
+every rank must run the same number of forwards).
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from engine.distill.roles import Roles
 from engine.losses import AdaptiveRegressionLoss, critic_flow_loss, dmd_loss, temporal_regularization
 from engine.models.flops import dit_forward_flops
 from engine.train import dist
+from engine.train.loop import Update
+from engine.train.observe import peak_tflops
 from engine.train.timer import PhaseTimer
 
 
 class DMDMethod:
+    name = "distill"
+
     def __init__(self, cfg: RunConfig, roles: Roles, uncond_context: torch.Tensor, latent_shape, device):
         self.cfg, self.roles, self.device = cfg, roles, device
+        self.engines = {"generator": roles.generator, "critic": roles.critic}
+        self.samples_per_step = cfg.optim.micro_batch_size
+        self.rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + dist.rank())  # per rank
+        self.shared = torch.Generator().manual_seed(cfg.train.seed)  # identical on every rank
         self.uncond = uncond_context.to(device)  # (1, L, D)
         self.latent_shape = tuple(latent_shape)  # (C, F, H, W)
         d = cfg.diffusion
@@ -47,6 +56,15 @@ class DMDMethod:
     def is_generator_step(self, step: int) -> bool:
         """DMD2's two-timescale rule: the critic updates every step, the generator every critic_per_generator-th."""
         return step % self.cfg.method.critic_per_generator == 0
+
+    def updates(self, step: int, batch: Batch):
+        """The critic updates every step; on generator steps the generator updates first (the loop applies each
+        update before the next is computed, so the critic then trains on the updated generator's samples)."""
+        if self.is_generator_step(step):
+            loss, metrics = self.generator_losses(batch, self.rng, self.shared)
+            yield Update("generator", loss, metrics)
+        loss, metrics = self.critic_loss(batch, self.rng, self.shared)
+        yield Update("critic", loss, metrics)
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
@@ -157,7 +175,26 @@ class DMDMethod:
     # -- state -----------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"regression": self.regression.state_dict()}
+        return {"regression": self.regression.state_dict(), "shared_rng": self.shared.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.regression.load_state_dict(state["regression"])
+        self.shared.set_state(state["shared_rng"])
+
+    def rank_state_dict(self) -> dict:
+        return {"rng": self.rng.get_state()}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+
+    def log_scalars(self, seconds: float, steps: int) -> dict[str, float]:
+        """Per-phase wall time, tokens/s, MFU (model FLOPs over the peak of every device), the regression EMA."""
+        world, seconds = dist.world_size(), max(seconds, 1e-9)
+        out = {f"time/{k}": v / max(steps, 1) for k, v in self.timer.pop().items()}
+        samples_s = self.samples_per_step * world * steps / seconds
+        out["perf/tokens_per_s"] = samples_s * self.tokens_per_sample
+        out["perf/mfu"] = self.pop_flops() * world / seconds / (peak_tflops(self.cfg) * 1e12 * world)
+        out["perf/step_s"] = seconds / max(steps, 1)
+        for k, v in zip(self.cfg.diffusion.student_timesteps, self.regression.ema.tolist()):
+            out[f"reg_ema/t{k:g}"] = v
+        return out

@@ -9,29 +9,26 @@ are exact copies (zero error, zero gradient), so its loss is ours times (F - 1) 
 gradient direction, and AdamW's update is invariant to a constant loss scale (up to eps). Ours reads as "MSE of an
 inserted frame" whatever F is. The PSNR logged next to it is on the generated frames too, against the linear blend.
 
-Checkpoints use the distillation trainer's scheme (``engine.train.checkpoint``: step directories completed atomically,
-``latest``, keep-last-k, per-rank data positions); each step directory also holds the deployable ``interpolator/``.
+It runs on the engine's training loop (``engine.train.loop``: non-finite skipping, checkpoints completed atomically,
+``latest``, keep-last-k, per-rank data positions, exact resume, logging); each step directory also holds the
+deployable ``interpolator/``.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from engine.config import RunConfig, save_config
 from engine.interp.data import LatentSource
 from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, load_interpolator, save_interpolator
-from engine.train import checkpoint as ckpt
 from engine.train import dist
-
-logger = logging.getLogger("engine.interp")
+from engine.train.loop import Loop, LoopSettings, Update
+from engine.train.timer import PhaseTimer
 
 
 @dataclass
@@ -166,114 +163,110 @@ def _check_batch(latents: torch.Tensor, in_dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The loop
+# The method on the engine's loop
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _train_step(engine, it, accum: int, in_dim: int) -> dict[str, torch.Tensor]:
-    """One optimizer step over ``accum`` micro-batches; returns this rank's mean loss and metrics."""
-    totals: dict[str, torch.Tensor] = {}
-    for _ in range(accum):
-        latents = _check_batch(next(it), in_dim).to(engine.device)
-        loss, metrics = interp_objective(engine, latents)
-        engine.backward(loss)
-        engine.step()  # DeepSpeed applies the optimizer on the accumulation boundary only
-        for k, v in {"loss": loss.detach(), **metrics}.items():
-            totals[k] = totals.get(k, 0) + v.float() / accum
-    return totals
-
-
-def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    keys = sorted(values)
-    stacked = dist.all_reduce_sum(torch.stack([values[k] for k in keys])) / dist.world_size()
-    return dict(zip(keys, stacked.tolist()))
-
-
-class _Logger:
-    """Rank-0 TensorBoard scalars and progress bar; the other ranks get no-ops."""
-
-    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, start: int):
-        on = rank == 0
-        self.writer = None
-        if on and cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: drop the events a crashed run logged after the checkpoint it resumes from
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
-        disable = not (on and cfg.logging.progress_bar)
-        self.bar = tqdm(total=cfg.interp.steps, initial=start, disable=disable, desc="interp", unit="step")
-
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(f"interp/{k}", v, step)
-        self.bar.set_postfix(
-            loss=f"{scalars['loss']:.4g}", psnr=f"{scalars['psnr']:.2f}", blend=f"{scalars['psnr_blend']:.2f}"
-        )
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
 
 ENGINE_TAG = "unet"  # the DeepSpeed engine's directory inside a step checkpoint
 
 
-def _resume(cfg: RunConfig, engine, source: LatentSource, save_dir: Path) -> int:
-    """Load the checkpoint ``checkpoint.resume`` names (auto: the newest complete one); returns its step or 0."""
-    path = ckpt.find_resume(save_dir, cfg.checkpoint.resume)
-    if path is None:
-        return 0
-    shared, mine = ckpt.load(path, {ENGINE_TAG: engine})
-    source.load_state_dict(mine["source"])  # this rank's data position
-    logger.info("resumed from %s at step %d", path, shared["step"])
-    return int(shared["step"])
+class _StepBatches:
+    """The loop's source: the ``accum`` micro-batches of one step from a latent source (its position is resumable)."""
+
+    def __init__(self, source: LatentSource, accum: int):
+        self.source, self.accum, self._it = source, accum, None
+
+    def next_batch(self) -> list[torch.Tensor]:
+        if self._it is None:
+            self._it = iter(self.source)
+        return [next(self._it) for _ in range(self.accum)]
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+        self._it = None
 
 
-def _save(cfg: RunConfig, engine, source: LatentSource, save_dir: Path, step: int) -> None:
-    """Collective checkpoint (engine.train.checkpoint: atomic, keep-last-k), then the deployable export inside it."""
-    state = {"source": source.state_dict()}
-    final = ckpt.save(save_dir, step, {ENGINE_TAG: engine}, {"step": step}, state, cfg.checkpoint.keep_last)
-    if dist.is_main():
-        save_interpolator(engine.module, final / "interpolator")
-    dist.barrier()
+class InterpMethod:
+    """One optimizer step = ``accum`` micro-batch updates of the U-Net engine (DeepSpeed applies the optimizer on
+    the accumulation boundary); the step's metrics are the means over its micro-batches."""
+
+    name = "interp"
+
+    def __init__(self, engine, accum: int, in_dim: int, micro_batch_size: int):
+        self.engines = {ENGINE_TAG: engine}
+        self.accum, self.in_dim = accum, in_dim
+        self.samples_per_step = micro_batch_size * accum
+        self.timer = PhaseTimer()
+
+    def updates(self, step: int, batch: list[torch.Tensor]):
+        engine, totals = self.engines[ENGINE_TAG], {}
+        for i, latents in enumerate(batch):
+            latents = _check_batch(latents, self.in_dim).to(engine.device)
+            loss, metrics = interp_objective(engine, latents)
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                totals[k] = totals.get(k, 0) + v.float() / self.accum
+            yield Update(ENGINE_TAG, loss, totals if i == len(batch) - 1 else {})
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def rank_state_dict(self) -> dict:
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
+
+    def log_scalars(self, seconds: float, steps: int) -> dict[str, float]:
+        self.timer.pop()
+        return {}
 
 
 def train_interp(cfg: RunConfig, source: LatentSource, *, export_dir: str | Path | None = None) -> InterpRun:
     """Train for ``cfg.interp.steps`` optimizer steps (resuming per ``cfg.checkpoint.resume``); export at the end.
 
     ``source`` yields this rank's micro-batches (see :func:`micro_batch`). Checkpoints go to
-    ``<logging.run_dir>/checkpoints`` every ``checkpoint.every_steps`` steps and at the end; the deployable
-    interpolator (safetensors + config.json) to ``export_dir`` (default ``<run_dir>/interpolator``).
+    ``<logging.run_dir>/checkpoints`` every ``checkpoint.every_steps`` steps and at the end, each with the deployable
+    ``interpolator/``; the deployable interpolator (safetensors + config.json) to ``export_dir`` (default
+    ``<run_dir>/interpolator``).
     """
     dist.init()
-    rank, world = dist.rank(), dist.world_size()
+    world = dist.world_size()
     run_dir = Path(cfg.logging.run_dir)
-    save_dir = run_dir / "checkpoints"
-    _, accum = micro_batch(cfg, world)
+    mb, accum = micro_batch(cfg, world)
     engine = build_engine(cfg, world)
-    start = _resume(cfg, engine, source, save_dir)
-    if rank == 0:
+    if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-    log, run = _Logger(cfg, run_dir, rank, start), InterpRun(step=start, start=start)
-    it, t0, steps = iter(source), time.perf_counter(), cfg.interp.steps
-    for step in range(start + 1, steps + 1):
-        totals = _train_step(engine, it, accum, cfg.model.in_dim)
-        run.step = step
-        if step % cfg.logging.log_every == 0 or step == steps:
-            scalars = _mean_over_ranks(totals)
-            scalars["samples_per_s"] = cfg.interp.batch_size * (step - start) / (time.perf_counter() - t0)
-            run.history.append({"step": step, **scalars})
-            log.log(step, scalars)
-        if step % cfg.checkpoint.every_steps == 0 or step == steps:
-            _save(cfg, engine, source, save_dir, step)
-        log.bar.update(1)
-    log.close()
-    if rank == 0 and start < steps:
-        run.export_dir = save_interpolator(engine.module, export_dir or run_dir / "interpolator")
-    dist.barrier()
-    return run
+    out = Path(export_dir or run_dir / "interpolator")
+    exported: list[Path] = []
+
+    def after_save(loop: Loop, path: Path) -> None:  # collective
+        if dist.is_main():
+            save_interpolator(engine.module, path / "interpolator")
+        dist.barrier()
+
+    def exporter() -> None:
+        if dist.is_main():
+            exported.append(save_interpolator(engine.module, out))
+        dist.barrier()
+
+    loop = Loop(
+        LoopSettings.of(cfg, max_steps=cfg.interp.steps),
+        InterpMethod(engine, accum, cfg.model.in_dim, mb),
+        _StepBatches(source, accum),
+        cfg=cfg,
+        after_save=after_save,
+        exporter=exporter,
+        export_done=lambda: (out / "model.safetensors").is_file(),
+    )
+    summary = loop.run()
+    return InterpRun(
+        step=summary["step"], start=summary["start"], history=loop.history, export_dir=exported[0] if exported else None
+    )
 
 
 def run(

@@ -1,27 +1,27 @@
 """The toy teacher: a Wan2.1-architecture DiT (``toy`` preset) trained from scratch by flow matching on toy latents,
 with caption conditioning and caption dropout (for CFG), through the engine's own flow-matching code.
 
-One process, resumable (``<out_dir>/state.pt`` every ``save_every`` steps, written atomically), tqdm progress, an
-exponential moving average of the weights (the exported teacher). The EMA weights are exported in the diffusers
-layout to ``export_dir`` (what ``model.checkpoint`` of the toy recipes points at).
+One process on the engine's training loop: checkpoints in ``<out_dir>/checkpoints`` every ``save_every`` steps (exact
+resume), progress and ``train.log``, an exponential moving average of the weights (the exported teacher). The EMA
+weights are exported in the diffusers layout to ``export_dir`` (what ``model.checkpoint`` of the toy recipes points
+at).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.config import ModelConfig, ToyTeacherConfig
 from engine.diffusion.flow import FlowSchedule
 from engine.models.checkpoint import save_weights
 from engine.models.wan import WanModel
-
-log = logging.getLogger(__name__)
+from engine.train.engines import TorchEngine
+from engine.train.loop import Loop, LoopSettings, Update
+from engine.train.timer import PhaseTimer
 
 
 def lr_at(cfg: ToyTeacherConfig, step: int) -> float:
@@ -48,6 +48,12 @@ def flow_matching_loss(
 
 
 class TeacherTrainer:
+    """The toy teacher's method on the engine's loop (engine/train/loop.py): one ``teacher`` update per step (AdamW,
+    gradient clipping), then the EMA. Its state (EMA weights, the random generator drawing batches, timesteps and
+    noise) is checkpointed with the model and optimizer, so a resumed run continues exactly."""
+
+    name = "teacher"
+
     def __init__(self, cfg: ToyTeacherConfig, model_cfg: ModelConfig, schedule: FlowSchedule, data, uncond):
         """data: (latents (N, C, F, h, w), context (N, L, D)); uncond: (1, L, D) empty-prompt embedding."""
         self.cfg, self.model_cfg, self.schedule = cfg, model_cfg, schedule
@@ -59,37 +65,30 @@ class TeacherTrainer:
         self.ema = WanModel(dataclasses.replace(model_cfg, gradient_checkpointing=False))
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engines = {"teacher": TorchEngine(self.model, opt, cfg.grad_clip)}
         self.rng = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
+        self.timer = PhaseTimer()
+        self.samples_per_step = cfg.batch_size
         self.out = Path(cfg.out_dir)
-        self.state_path = self.out / "state.pt"
 
     # -- state -----------------------------------------------------------------------------------------------------
 
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "opt": self.opt.state_dict(),
-            "rng": self.rng.get_state(),
-        }
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.state_path)
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict()}
 
-    def resume(self) -> bool:
-        if not self.state_path.is_file():
-            return False
-        state = torch.load(self.state_path, weights_only=False)
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
+
+    def rank_state_dict(self) -> dict:
+        return {"rng": self.rng.get_state()}
+
+    def load_rank_state_dict(self, state: dict) -> None:
         self.rng.set_state(state["rng"])
-        self.step = state["step"]
-        return True
+
+    def log_scalars(self, seconds: float, steps: int) -> dict[str, float]:
+        self.timer.pop()
+        return {}
 
     def export(self) -> Path:
         return save_weights(self.ema, self.model_cfg, self.cfg.export_dir)
@@ -105,35 +104,37 @@ class TeacherTrainer:
         return self.latents[idx], context
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))  # short warm-up of the average
+    def _update_ema(self, step: int) -> None:
+        d = min(self.cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up of the average
         for e, p in zip(self.ema.parameters(), self.model.parameters()):
             e.lerp_(p.detach(), 1 - d)
 
-    def train_step(self) -> float:
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.cfg, self.step)
+    def updates(self, step: int, batch=None):
+        lr = lr_at(self.cfg, step)
+        for group in self.engines["teacher"].optimizer.param_groups:
+            group["lr"] = lr
         x0, context = self._batch()
         loss = flow_matching_loss(self.model, x0, context, self.schedule, self.rng)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.step += 1
-        self._update_ema()
-        return loss.item()
+        yield Update("teacher", loss, {"loss": loss.detach(), "lr": torch.tensor(lr)})
+        self._update_ema(step + 1)  # after the loop applied the update
 
     def run(self, progress: bool = True) -> dict:
-        resumed = self.resume()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="toy teacher", disable=not progress)
-        avg, t0, start = None, time.time(), self.step
-        while self.step < self.cfg.steps:
-            loss = self.train_step()
-            avg = loss if avg is None else 0.98 * avg + 0.02 * loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr_at(self.cfg, self.step):.2e}", refresh=False)
-            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
-                self.save()
-        bar.close()
-        seconds = time.time() - t0
-        return {"resumed": resumed, "steps_run": self.step - start, "seconds": seconds, "loss_ema": avg}
+        settings = LoopSettings(
+            run_dir=self.out,
+            max_steps=self.cfg.steps,
+            every_steps=self.cfg.save_every,
+            keep_last=2,
+            log_every=self.cfg.log_every,
+            progress_bar=progress,
+            tensorboard=False,
+        )
+        t0 = time.time()
+        loop = Loop(settings, self)
+        summary = loop.run()
+        loss = loop.history[-1]["loss"] if loop.history else None
+        return {
+            "resumed": loop.resumed_from is not None,
+            "steps_run": summary["step"] - summary["start"],
+            "seconds": time.time() - t0,
+            "loss": loss,
+        }

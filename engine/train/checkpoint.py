@@ -109,7 +109,7 @@ def find_resume(root: Path, resume: str) -> Path | None:
 
 def read_shared(path: Path) -> dict:
     """The trainer state every rank shares (step, method state, teacher fingerprint, ...), without the engines."""
-    return torch.load(Path(path) / "trainer" / "shared.pt", weights_only=False)
+    return torch.load(Path(path) / "trainer" / "shared.pt", weights_only=True)
 
 
 def load(path: Path, engines: dict) -> tuple[dict, dict]:
@@ -122,7 +122,7 @@ def load(path: Path, engines: dict) -> tuple[dict, dict]:
     rank_file = path / "trainer" / f"rank_{dist.rank():05d}.pt"
     if not rank_file.is_file():
         raise RuntimeError(f"{rank_file} missing: the checkpoint was written by a run with a different world size")
-    return shared, torch.load(rank_file, weights_only=False)
+    return shared, torch.load(rank_file, weights_only=True)
 
 
 def check_teacher(root: Path, resume: str, teacher_id: str | None, teacher_path: str | None) -> None:

@@ -1,8 +1,7 @@
 """Rank-0 observability: progress bar with ETA, TensorBoard scalars, a plain-text log, throughput and MFU.
 
-Scalars per log step: every loss, adaptive weights per student timestep and the EMA cache, temporal variance, grad
-norms, per-phase wall time, samples/s, tokens/s and estimated MFU (model FLOPs from WAN_SPEC.md section 8 over the
-peak of every device), skipped updates.
+Scalars per log step: the method's metrics (means over the window and the ranks), what the method adds (the
+distillation: per-phase wall time, tokens/s, estimated MFU, the regression EMA cache), samples/s, skipped updates.
 """
 
 from __future__ import annotations
@@ -30,72 +29,57 @@ def peak_tflops(cfg: RunConfig) -> float:
 
 
 class Observer:
-    def __init__(self, cfg: RunConfig, method):
-        self.cfg, self.method = cfg, method
-        self.run_dir = Path(cfg.logging.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.text = (self.run_dir / "train.log").open("a")
-        self.tb = None
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    """Rank 0 only: the progress bar, ``train.log`` and TensorBoard of a :class:`engine.train.loop.Loop` run."""
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+    def __init__(self, settings, method):
+        self.s, self.method = settings, method
+        self.run_dir = Path(settings.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.text = (self.run_dir / "train.log").open("a") if settings.text_log else None
+        self.tb = None
         self.bar = None
-        self.window = {"time": 0.0, "steps": 0, "samples": 0}
-        self.sums: dict[str, float] = {}  # metric sums over the logging window (generator metrics appear 1 step in 5)
-        self.counts: dict[str, int] = {}
 
     def start(self, step: int, total: int) -> None:
-        if self.cfg.logging.progress_bar:
-            self.bar = tqdm(total=total, initial=step, desc="distill", unit="step", dynamic_ncols=True)
+        if self.s.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: drop the events a crashed run logged after the checkpoint it resumes from
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
+        if self.s.progress_bar:
+            self.bar = tqdm(total=total, initial=step, desc=self.method.name, unit="step", dynamic_ncols=True)
         self.log_text(f"training steps {step} -> {total} on {dist.world_size()} rank(s)")
 
     def log_text(self, msg: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        self.text.write(line + "\n")
-        self.text.flush()
+        if self.text is not None:
+            self.text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            self.text.flush()
         if self.bar is not None:
             self.bar.write(msg)
         else:
             log.info(msg)
 
-    def step(self, step: int, metrics: dict, seconds: float, skipped: dict) -> None:
-        w = self.window
-        w["time"] += seconds
-        w["steps"] += 1
-        w["samples"] += self.cfg.optim.micro_batch_size * dist.world_size()
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
+    def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.cfg.logging.log_every:
-            return
-        scalars = {f"train/{k}": self.sums[k] / self.counts[k] for k in self.sums}  # means over the window
-        self.sums, self.counts = {}, {}
-        scalars.update({f"time/{k}": v / w["steps"] for k, v in self.method.timer.pop().items()})
-        flops = self.method.pop_flops() * dist.world_size()  # every rank ran the same passes
-        samples_s = w["samples"] / max(w["time"], 1e-9)
-        scalars["perf/samples_per_s"] = samples_s
-        scalars["perf/tokens_per_s"] = samples_s * self.method.tokens_per_sample
-        scalars["perf/mfu"] = flops / max(w["time"], 1e-9) / (peak_tflops(self.cfg) * 1e12 * dist.world_size())
-        scalars["perf/step_s"] = w["time"] / w["steps"]
-        for k, v in zip(self.cfg.diffusion.student_timesteps, self.method.regression.ema.tolist()):
-            scalars[f"reg_ema/t{k:g}"] = v
-        scalars.update({f"skipped/{k}": v for k, v in skipped.items()})
+
+    def log(self, step: int, means: dict[str, float], extra: dict[str, float]) -> None:
+        """``means``: the method's metrics over the window (tagged ``<name>/<key>``); ``extra``: tagged scalars."""
+        prefix = self.method.name if self.method.name != "distill" else "train"
+        scalars = {f"{prefix}/{k}": v for k, v in means.items()} | extra
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
-        losses = {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("train/loss")}
+        losses = {k: v for k, v in means.items() if k.startswith("loss")}
         if self.bar is not None:
             self.bar.set_postfix({k.replace("loss_", ""): f"{v:.4g}" for k, v in losses.items()}, refresh=False)
         brief = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
-        self.log_text(f"step {step} {brief} mfu={scalars['perf/mfu']:.3g} samples/s={samples_s:.3g}")
-        self.window = {"time": 0.0, "steps": 0, "samples": 0}
+        mfu = f" mfu={extra['perf/mfu']:.3g}" if "perf/mfu" in extra else ""
+        self.log_text(f"step {step} {brief}{mfu} samples/s={extra['perf/samples_per_s']:.3g}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-        self.text.close()
+        if self.text is not None:
+            self.text.close()

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/train/golden_worker.py OUT.json [overrides of configs/toy.yaml...]
 
-Rank r writes OUT.json with its per-step loss values (Python floats, repr-exact) under "rank<r>".
+Rank r writes OUT.rank<r>.json with its per-step loss values (Python floats, repr-exact).
 """
 
 import json
@@ -19,9 +19,15 @@ TOY = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
 def main() -> None:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     cfg = load_config(TOY, overrides)
-    summary = run_distillation(cfg, world_factory(cfg))
+    losses = []
+
+    def record(loop, metrics):
+        if metrics is not None:
+            losses.append({k: float(v) for k, v in metrics.items() if k.startswith("loss")})
+
+    summary = run_distillation(cfg, world_factory(cfg), on_step=record)
     path = out.with_name(f"{out.stem}.rank{summary['rank']}.json")
-    path.write_text(json.dumps({"step": summary["step"], "losses": summary["losses"]}, indent=1))
+    path.write_text(json.dumps({"step": summary["step"], "losses": losses}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,52 @@
+"""A single-process engine with DeepSpeed's engine interface (backward, step, checkpoints), for methods that train one
+small model without DeepSpeed (the toy teacher): the loop and its checkpoints treat both the same way.
+
+Checkpoint files hold tensors and plain containers only (safetensors for the weights, a weights-only torch file for
+the optimizer state): loading them never runs code from disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class TorchEngine:
+    """``backward(loss)`` zeroes the gradients and back-propagates; ``step()`` clips (``max_grad_norm``) and steps."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
+        self.module, self.optimizer, self.max_grad_norm = module, optimizer, max_grad_norm
+        self.grad_norm: float | None = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        if self.max_grad_norm is not None:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+
+    def get_global_grad_norm(self):
+        """The norm before clipping, as a tensor (no host sync); None before the first step or without clipping."""
+        return self.grad_norm
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool = False) -> None:
+        out = Path(root) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+
+    def load_checkpoint(self, root: str, tag: str):
+        src = Path(root) / tag
+        if not (src / "model.safetensors").is_file():
+            return None, None
+        self.module.load_state_dict(load_file(str(src / "model.safetensors")))
+        self.optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True))
+        return str(src), {}

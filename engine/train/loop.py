@@ -1,0 +1,289 @@
+"""The training loop every job runs (distillation, the interpolator, the toy teacher): steps, non-finite skipping,
+checkpoints, logging, resume. It knows nothing of any method's losses or roles.
+
+A method hands the loop the updates of one step, one at a time, as a generator of :class:`Update` (role, loss,
+metrics): the loop runs ``backward`` + ``step`` on that role's engine before asking for the next update, so a later
+update of the same step sees the earlier one applied (DMD2's critic trains on the freshly updated generator). The
+method owns its engines, its schedule (which roles update at a step, e.g. the 5:1 rule) and its state (random
+generators, EMA caches); the loop checkpoints all of it and resumes it exactly.
+
+A non-finite loss skips that update on every rank (counted per role, logged); ``max_nonfinite_in_a_row`` of them in a
+row stop the run. Metrics stay on the device and reach the host at log steps, as means over the window and the ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from engine.config import RunConfig
+from engine.train import checkpoint as ckpt
+from engine.train import dist
+from engine.train.observe import Observer
+from engine.train.timer import PhaseTimer
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss."""
+
+
+@dataclass
+class Update:
+    """One optimizer update of a step: ``loss`` goes through ``engines[role]``; ``metrics`` are detached scalars."""
+
+    role: str
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+    """Progress-bar label and the prefix of its training scalars ("distill", "interp", "teacher")."""
+    engines: dict[str, Any]
+    """role -> engine (DeepSpeed engine or :class:`engine.train.engines.TorchEngine`): backward, step, checkpoints."""
+    timer: PhaseTimer
+    samples_per_step: int
+    """Samples one rank consumes per step (for samples/s)."""
+
+    def updates(self, step: int, batch: Any) -> Iterator[Update]: ...
+
+    def state_dict(self) -> dict: ...  # identical on every rank
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def rank_state_dict(self) -> dict: ...  # this rank's own (its random generator)
+
+    def load_rank_state_dict(self, state: dict) -> None: ...
+
+    def log_scalars(self, seconds: float, steps: int) -> dict[str, float]: ...  # extra scalars at a log step
+
+
+class Source(Protocol):
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class LoopSettings:
+    run_dir: Path
+    max_steps: int
+    every_steps: int
+    keep_last: int
+    resume: str = "auto"
+    log_every: int = 10
+    max_nonfinite_in_a_row: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True
+    text_log: bool = True
+
+    @classmethod
+    def of(cls, cfg: RunConfig, max_steps: int | None = None, run_dir: str | Path | None = None) -> LoopSettings:
+        c, lg = cfg.checkpoint, cfg.logging
+        return cls(
+            run_dir=Path(run_dir or lg.run_dir),
+            max_steps=cfg.train.max_steps if max_steps is None else max_steps,
+            every_steps=c.every_steps,
+            keep_last=c.keep_last,
+            resume=c.resume,
+            log_every=lg.log_every,
+            max_nonfinite_in_a_row=cfg.train.max_nonfinite_in_a_row,
+            progress_bar=lg.progress_bar,
+            tensorboard=lg.tensorboard,
+        )
+
+
+class _Window:
+    """Metric sums over the logging window, on the device (no host sync per step); a role's metrics may appear at
+    some steps only (the generator's, 1 step in 5), so each key keeps its own count."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, metrics: dict[str, torch.Tensor], seconds: float) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float().reshape(())
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.seconds += seconds
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """Collective: the window means, averaged over ranks (every rank logs the same keys at the same steps)."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        stacked = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        stacked = dist.all_reduce_sum(stacked) / dist.world_size()
+        return dict(zip(keys, stacked.tolist()))
+
+
+class Loop:
+    """``Loop(settings, method, source).run()``; hooks: ``on_step(loop, metrics)`` on every rank after each step
+    (``metrics=None`` once before the first), ``after_save(loop, path)`` (collective), ``sampler(step)`` every
+    ``sample_every`` steps and at the end, ``exporter()`` at the end of a run that trained, or whose export is
+    missing (``export_done()`` says whether it is there). ``meta`` is kept in every checkpoint (e.g. the teacher
+    fingerprint)."""
+
+    def __init__(
+        self,
+        settings: LoopSettings,
+        method: Method,
+        source: Source | None = None,
+        *,
+        cfg: RunConfig | None = None,
+        on_step: Callable[[Loop, dict | None], None] | None = None,
+        after_save: Callable[[Loop, Path], None] | None = None,
+        sampler: Callable[[int], None] | None = None,
+        sample_every: int = 0,
+        exporter: Callable[[], None] | None = None,
+        export_done: Callable[[], bool] | None = None,
+        meta: dict | None = None,
+    ):
+        self.s, self.method, self.source, self.cfg = settings, method, source, cfg
+        self.on_step, self.after_save = on_step, after_save
+        self.sampler, self.sample_every = sampler, sample_every
+        self.exporter, self.export_done = exporter, export_done
+        self.meta = dict(meta or {})
+        self.ckpt_dir = Path(settings.run_dir) / "checkpoints"
+        self.step = 0
+        self.skipped = {role: 0 for role in method.engines}
+        self.in_a_row = 0
+        self.history: list[dict[str, float]] = []  # one row per log step: {"step", metric means}
+        self.resumed_from: Path | None = None
+        self.observer = Observer(settings, method) if dist.is_main() else None
+        self.window = _Window()
+
+    # -- state -----------------------------------------------------------------------------------------------------
+
+    def _shared_state(self) -> dict:
+        state = {"step": self.step, "method": self.method.state_dict(), "skipped": dict(self.skipped)}
+        return {**state, "in_a_row": self.in_a_row, **self.meta}
+
+    def _rank_state(self) -> dict:
+        data = self.source.state_dict() if self.source is not None else {}
+        return {"method": self.method.rank_state_dict(), "data": data, "rank": dist.rank()}
+
+    def save(self) -> Path:
+        path = ckpt.save(
+            self.ckpt_dir, self.step, self.method.engines, self._shared_state(), self._rank_state(), self.s.keep_last
+        )
+        if self.after_save:
+            self.after_save(self, path)
+        return path
+
+    def resume(self) -> bool:
+        path = ckpt.find_resume(self.ckpt_dir, self.s.resume) if dist.is_main() else None
+        path = dist.broadcast_object(None if path is None else str(path))
+        if path is None:
+            return False
+        shared, mine = ckpt.load(Path(path), self.method.engines)
+        self.step, self.in_a_row = int(shared["step"]), int(shared["in_a_row"])
+        self.skipped.update(shared["skipped"])
+        self.method.load_state_dict(shared["method"])
+        self.method.load_rank_state_dict(mine["method"])
+        if self.source is not None:
+            self.source.load_state_dict(mine["data"])
+        self.resumed_from = Path(path)
+        self._log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def _log(self, msg: str) -> None:
+        if self.observer:
+            self.observer.log_text(msg)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+
+    def _apply(self, update: Update) -> bool:
+        """backward + step when the loss is finite on every rank; otherwise skip everywhere and count it."""
+        engine, loss, role = self.method.engines[update.role], update.loss, update.role
+        if not dist.all_true(bool(torch.isfinite(loss).item()), device=loss.device):
+            self.skipped[role] += 1
+            self.in_a_row += 1
+            self._log(f"step {self.step}: non-finite {role} loss, update skipped on all ranks")
+            if self.in_a_row >= self.s.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"{self.in_a_row} consecutive updates had a non-finite loss (train.max_nonfinite_in_a_row)"
+                )
+            return False
+        self.in_a_row = 0
+        with self.method.timer(f"{role}_backward"):
+            engine.backward(loss)
+        with self.method.timer("optimizer"):
+            engine.step()
+        return True
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        batch = None
+        if self.source is not None:
+            with self.method.timer("data"):
+                batch = self.source.next_batch()
+        metrics: dict[str, torch.Tensor] = {}
+        for update in self.method.updates(self.step, batch):
+            if self._apply(update) and hasattr(self.method.engines[update.role], "get_global_grad_norm"):
+                norm = self.method.engines[update.role].get_global_grad_norm()
+                if norm is not None:  # DeepSpeed knows it at the accumulation boundary only
+                    update.metrics[f"grad_norm_{update.role}"] = torch.as_tensor(float(norm))
+            metrics.update(update.metrics)
+        return metrics
+
+    def _log_step(self, step: int) -> None:
+        """Collective: window means over ranks, the method's own scalars; rank 0 writes them."""
+        w, self.window = self.window, _Window()
+        means = w.means()
+        extra = self.method.log_scalars(w.seconds, w.steps)
+        samples_s = self.method.samples_per_step * dist.world_size() * w.steps / max(w.seconds, 1e-9)
+        self.history.append({"step": step, **means, "samples_per_s": samples_s})
+        if self.observer:
+            skipped = {f"skipped/{k}": float(v) for k, v in self.skipped.items()}
+            self.observer.log(step, means, {**extra, "perf/samples_per_s": samples_s, **skipped})
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def finished(self) -> bool:
+        return self.step >= self.s.max_steps
+
+    def run(self) -> dict:
+        self.resume()
+        s = self.s
+        if self.on_step:
+            self.on_step(self, None)  # before the first step (after any resume)
+        if self.observer:
+            self.observer.start(self.step, s.max_steps)
+        first_step, last_sampled = self.step, None
+        try:
+            while self.step < s.max_steps:
+                ckpt._fault("step", self.step)
+                t0 = time.perf_counter()
+                metrics = self.train_step()
+                self.step += 1
+                self.window.add(metrics, time.perf_counter() - t0)
+                if self.on_step:
+                    self.on_step(self, metrics)
+                if self.observer:
+                    self.observer.advance()
+                if self.step % s.log_every == 0 or self.step == s.max_steps:
+                    self._log_step(self.step)
+                if self.step % s.every_steps == 0 or self.step == s.max_steps:
+                    self.save()
+                if self.sampler and self.sample_every and self.step % self.sample_every == 0:
+                    self.sampler(self.step)
+                    last_sampled = self.step
+            ran = self.step > first_step  # a re-run of a finished job does nothing but report
+            if self.sampler and ran and last_sampled != self.step:
+                self.sampler(self.step)
+            if self.exporter and (ran or not (self.export_done and self.export_done())):
+                self.exporter()
+        finally:
+            if self.observer:
+                self.observer.close()
+        return {"step": self.step, "start": first_step, "skipped": dict(self.skipped), "rank": dist.rank()}
