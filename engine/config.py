@@ -9,14 +9,14 @@ ZeRO stage have a single source.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from engine.toy.world import ToyWorldConfig
 
 
 class ConfigError(ValueError):
@@ -334,6 +334,77 @@ class InterpConfig:
     """DeepSpeed ZeRO stage of the interpolator trainer (a small model: stage 1 shards only optimizer states)."""
 
 
+TOY_PIX_FMTS = ("yuv444p", "yuv420p")
+
+
+@dataclass
+class ToyWorldConfig:
+    """The procedural toy world (DESIGN.md section 7). Defaults: 32x32 pixels, 9 frames at 8 fps, so the toy codec's
+    8x8x9 latents are 144 DiT tokens after the (1, 2, 2) patch."""
+
+    cache_dir: str = "cache/toy"
+    """Where datasets are generated on first use (one subdirectory per distinct world)."""
+    num_clips: int = 1024
+    """Clips in the dataset (train + val)."""
+    val_fraction: float = 0.1
+    """Share of clips (the last ones) marked split=val: held out for codec PSNR and metric references."""
+    seed: int = 0
+    """Clip i draws all its randomness from numpy.random.default_rng([seed, i])."""
+    height: int = 32
+    """Frame height in pixels."""
+    width: int = 32
+    """Frame width in pixels."""
+    num_frames: int = 9
+    """Frames per clip (odd, so latent F is odd for the half-frame-rate scheme: 9 -> 5 -> 9)."""
+    fps: float = 8.0
+    """Frame rate written into the files."""
+    speeds: tuple[float, ...] = (1.0, 2.0)
+    """Object speeds in pixels per frame (travel 8-16 px over 9 frames; halve them for 17 frames)."""
+    static_fraction: float = 0.2
+    """Share of clips whose objects stay still."""
+    two_object_fraction: float = 0.2
+    """Share of clips with two objects (distinct colours, same motion)."""
+    pan_fraction: float = 0.5
+    """Share of texture-background clips whose camera pans left or right."""
+    pan_speed: float = 0.5
+    """Background drift of a pan in pixels per frame."""
+    object_size: tuple[float, float] = (0.31, 0.375)
+    """Range of an object's box side as a fraction of min(height, width) (10-12 px at 32x32)."""
+    pix_fmt: str = "yuv444p"
+    """VP9 chroma format: yuv444p (lossless, DALI CPU == PyAV) or yuv420p (NVDEC-compatible, lossy chroma)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible field."""
+        checks = [
+            (self.num_clips >= 1, "num_clips", "must be >= 1"),
+            (0 <= self.val_fraction < 1, "val_fraction", "must lie in [0, 1)"),
+            (self.height >= 16 and self.width >= 16, "height", "frames must be at least 16x16"),
+            (self.num_frames >= 3 and self.num_frames % 2 == 1, "num_frames", "must be odd and >= 3"),
+            (self.fps > 0, "fps", "must be positive"),
+            (len(self.speeds) >= 1 and min(self.speeds) > 0, "speeds", "needs positive speeds"),
+            (all(0 <= f <= 1 for f in self._fractions()), "static_fraction", "fractions must lie in [0, 1]"),
+            (0 < self.object_size[0] <= self.object_size[1] < 1, "object_size", "needs 0 < min <= max < 1"),
+            (self.pix_fmt in TOY_PIX_FMTS, "pix_fmt", f"must be one of {TOY_PIX_FMTS}"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"toy world `{key}`: {msg} (got {getattr(self, key)!r})")
+        travel = max(self.speeds) * (self.num_frames - 1) + self.object_size[1] * min(self.height, self.width) + 2
+        if travel > min(self.height, self.width):
+            raise ValueError(f"toy world `speeds`: the fastest object travels out of the frame ({travel:.1f} px path)")
+
+    def _fractions(self) -> tuple[float, ...]:
+        return self.static_fraction, self.two_object_fraction, self.pan_fraction
+
+    def key(self) -> str:
+        """Hash of everything that shapes the data (not where it is cached)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_dir"}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def num_val(self) -> int:
+        return int(round(self.num_clips * self.val_fraction))
+
+
 @dataclass
 class ToyTeacherConfig:
     """Training of the toy world's teacher (engine/toy/teacher.py, launcher/train_teacher.py)."""
@@ -465,8 +536,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _oc_error(exc) from exc
+    cfg = derive_toy_data(cfg, _explicit_data_keys(layers))
     validate(cfg)
     return cfg
+
+
+TOY_DATA_KEYS = ("num_frames", "height", "width", "fps")
+
+
+def _explicit_data_keys(layers) -> dict[str, Any]:
+    """The ``data.*`` clip-shape values a YAML file or an override sets (the last one wins)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        data = layer.get("data") if OmegaConf.is_dict(layer) else None
+        if data is not None and OmegaConf.is_dict(data):
+            out.update({k: data[k] for k in TOY_DATA_KEYS if k in data})
+    return out
+
+
+def derive_toy_data(cfg: RunConfig, explicit: dict[str, Any] | None = None) -> RunConfig:
+    """In the toy world the clip shape is the world's: ``data.num_frames/height/width/fps`` come from ``toy.*``. A
+    config that sets one of them to something else is refused (naming both keys) instead of silently overridden."""
+    if cfg.vae.kind != "toy":
+        return cfg
+    for key, value in (explicit or {}).items():
+        want = getattr(cfg.toy, key)
+        _require(
+            value == want,
+            f"data.{key}",
+            f"{value}, but in the toy world it follows toy.{key}={want}; set toy.{key} (or drop data.{key})",
+        )
+    data = dataclasses.replace(cfg.data, **{k: getattr(cfg.toy, k) for k in TOY_DATA_KEYS})
+    return dataclasses.replace(cfg, data=data)
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -625,10 +726,10 @@ def _validate_toy(cfg: RunConfig) -> None:
         cfg.toy.validate()
     except ValueError as exc:
         raise ConfigError(f"config key `toy`: {exc}") from exc
-    if cfg.vae.kind == "toy":  # the toy world renders its own clips: the data section must give the same shape
-        for key in ("num_frames", "height", "width"):
+    if cfg.vae.kind == "toy":  # load_config derives the clip shape from toy.*; a config built in code must agree
+        for key in TOY_DATA_KEYS:
             want, got = getattr(cfg.toy, key), getattr(cfg.data, key)
-            _require(got == want, f"data.{key}", f"{got} differs from the toy world's toy.{key}={want}; set both")
+            _require(got == want, f"data.{key}", f"{got}, but in the toy world it follows toy.{key}={want}")
     t = cfg.toy_teacher
     _require(t.steps >= 1, "toy_teacher.steps", "must be >= 1")
     _require(t.batch_size >= 1, "toy_teacher.batch_size", "must be >= 1")

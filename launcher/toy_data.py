@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from engine.toy.world import ToyWorldConfig
+from engine.config import ToyWorldConfig
 
 
 def _config(args: argparse.Namespace) -> ToyWorldConfig:

@@ -94,3 +94,17 @@ def test_deepspeed_dict_has_one_source():
     assert not cpu["bf16"]["enabled"]  # auto = fp32 on CPU
     with pytest.raises(ConfigError, match="offload_param"):
         deepspeed_config(load_config(None, ["deepspeed.zero_stage=2", "deepspeed.offload_param=true"]), 1)
+
+
+def test_toy_world_derives_the_clip_shape_from_toy():
+    cfg = load_config(TOY, ["toy.height=48", "toy.width=48"])
+    assert (cfg.data.num_frames, cfg.data.height, cfg.data.width, cfg.data.fps) == (9, 48, 48, 8.0)
+    same = load_config(TOY, ["data.height=32"])  # agreeing with toy.* is allowed
+    assert same.data.height == 32
+
+
+def test_toy_world_refuses_a_clip_shape_of_its_own():
+    with pytest.raises(
+        ConfigError, match=r"config key `data.height`: 48, but in the toy world it follows toy.height=32"
+    ):
+        load_config(TOY, ["data.height=48"])

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from engine.config import ToyWorldConfig
 from engine.toy.videos import psnr, to_tensor
-from engine.toy.world import ToyWorldConfig, dataset_dir, ensure_dataset, load_clips
+from engine.toy.world import dataset_dir, ensure_dataset, load_clips
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "toy_codec.safetensors"
 

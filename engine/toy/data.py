@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.config import ToyWorldConfig
 from engine.toy.captions import ClipParams
 from engine.toy.codec import ToyCodec
 from engine.toy.text import ToyTextEncoder
 from engine.toy.videos import to_tensor
-from engine.toy.world import ToyWorldConfig, ensure_dataset, load_clips, read_manifest
+from engine.toy.world import ensure_dataset, load_clips, read_manifest
 
 
 @dataclass

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from engine.config import ToyWorldConfig
 from engine.toy.codec import ToyCodec
 from engine.toy.metrics import Reference, calibrate, compute_metrics, format_table
 from engine.toy.videos import to_tensor
-from engine.toy.world import ToyWorldConfig, ensure_dataset, load_clips
+from engine.toy.world import ensure_dataset, load_clips
 
 REFERENCE_VERSION = 1
 """Bump when a metric's definition changes: cached references are then recomputed."""

@@ -24,7 +24,7 @@ from engine.toy.captions import (
 )
 
 if TYPE_CHECKING:  # world.py imports this module
-    from engine.toy.world import ToyWorldConfig
+    from engine.config import ToyWorldConfig
 
 SUPERSAMPLE = 4
 MARGIN = 1.0  # pixels kept between an object's box and the frame edge, in every frame

@@ -21,7 +21,9 @@ import av
 import numpy as np
 import torch
 
-PIX_FMTS = ("yuv444p", "yuv420p")
+from engine.config import TOY_PIX_FMTS
+
+PIX_FMTS = TOY_PIX_FMTS
 
 
 def write_vp9(path: str | Path, frames: np.ndarray, fps: float, pix_fmt: str = "yuv444p") -> None:

@@ -1,4 +1,4 @@
-"""The toy world's dataset: configuration, on-first-use generation into a cache, validation and repair.
+"""The toy world's dataset: on-first-use generation into a cache, validation and repair.
 
 ``ensure_dataset(cfg)`` returns the path of ``manifest.jsonl`` in ``<cache_dir>/toyworld-v<version>-<key>/``, where
 ``key`` hashes every config field but ``cache_dir``: changing the world makes a new directory, never a mixed one. Each
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -29,83 +28,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from engine.config import ToyWorldConfig
 from engine.toy.captions import ClipParams, caption
 from engine.toy.render import render_clip, sample_params
-from engine.toy.videos import PIX_FMTS, frames_hash, read_video, sha256_bytes, sha256_file, write_vp9
+from engine.toy.videos import frames_hash, read_video, sha256_bytes, sha256_file, write_vp9
 
 log = logging.getLogger(__name__)
 
 ENTRY_KEYS = frozenset({"path", "caption", "split", "params", "file_sha256", "file_bytes", "decoded_sha256"})
 GENERATOR_VERSION = 1
 """Bump when rendering or encoding changes: old caches then live in another directory and are left alone."""
-
-
-@dataclass
-class ToyWorldConfig:
-    """The procedural toy world (DESIGN.md section 7). Defaults: 32x32 pixels, 9 frames at 8 fps, so the toy codec's
-    8x8x9 latents are 144 DiT tokens after the (1, 2, 2) patch."""
-
-    cache_dir: str = "cache/toy"
-    """Where datasets are generated on first use (one subdirectory per distinct world)."""
-    num_clips: int = 1024
-    """Clips in the dataset (train + val)."""
-    val_fraction: float = 0.1
-    """Share of clips (the last ones) marked split=val: held out for codec PSNR and metric references."""
-    seed: int = 0
-    """Clip i draws all its randomness from numpy.random.default_rng([seed, i])."""
-    height: int = 32
-    """Frame height in pixels."""
-    width: int = 32
-    """Frame width in pixels."""
-    num_frames: int = 9
-    """Frames per clip (odd, so latent F is odd for the half-frame-rate scheme: 9 -> 5 -> 9)."""
-    fps: float = 8.0
-    """Frame rate written into the files."""
-    speeds: tuple[float, ...] = (1.0, 2.0)
-    """Object speeds in pixels per frame (travel 8-16 px over 9 frames; halve them for 17 frames)."""
-    static_fraction: float = 0.2
-    """Share of clips whose objects stay still."""
-    two_object_fraction: float = 0.2
-    """Share of clips with two objects (distinct colours, same motion)."""
-    pan_fraction: float = 0.5
-    """Share of texture-background clips whose camera pans left or right."""
-    pan_speed: float = 0.5
-    """Background drift of a pan in pixels per frame."""
-    object_size: tuple[float, float] = (0.31, 0.375)
-    """Range of an object's box side as a fraction of min(height, width) (10-12 px at 32x32)."""
-    pix_fmt: str = "yuv444p"
-    """VP9 chroma format: yuv444p (lossless, DALI CPU == PyAV) or yuv420p (NVDEC-compatible, lossy chroma)."""
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first impossible field."""
-        checks = [
-            (self.num_clips >= 1, "num_clips", "must be >= 1"),
-            (0 <= self.val_fraction < 1, "val_fraction", "must lie in [0, 1)"),
-            (self.height >= 16 and self.width >= 16, "height", "frames must be at least 16x16"),
-            (self.num_frames >= 3 and self.num_frames % 2 == 1, "num_frames", "must be odd and >= 3"),
-            (self.fps > 0, "fps", "must be positive"),
-            (len(self.speeds) >= 1 and min(self.speeds) > 0, "speeds", "needs positive speeds"),
-            (all(0 <= f <= 1 for f in self._fractions()), "static_fraction", "fractions must lie in [0, 1]"),
-            (0 < self.object_size[0] <= self.object_size[1] < 1, "object_size", "needs 0 < min <= max < 1"),
-            (self.pix_fmt in PIX_FMTS, "pix_fmt", f"must be one of {PIX_FMTS}"),
-        ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ValueError(f"toy world `{key}`: {msg} (got {getattr(self, key)!r})")
-        travel = max(self.speeds) * (self.num_frames - 1) + self.object_size[1] * min(self.height, self.width) + 2
-        if travel > min(self.height, self.width):
-            raise ValueError(f"toy world `speeds`: the fastest object travels out of the frame ({travel:.1f} px path)")
-
-    def _fractions(self) -> tuple[float, ...]:
-        return self.static_fraction, self.two_object_fraction, self.pan_fraction
-
-    def key(self) -> str:
-        """Hash of everything that shapes the data (not where it is cached)."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "cache_dir"}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-    def num_val(self) -> int:
-        return int(round(self.num_clips * self.val_fraction))
 
 
 @dataclass

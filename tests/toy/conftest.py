@@ -4,9 +4,10 @@ seed 0, sees it as held-out data) and a metric reference calibrated on rendered 
 import numpy as np
 import pytest
 
+from engine.config import ToyWorldConfig
 from engine.toy.metrics import calibrate
 from engine.toy.render import render_clip, sample_params
-from engine.toy.world import ToyWorldConfig, ensure_dataset, load_clips
+from engine.toy.world import ensure_dataset, load_clips
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.config import ToyWorldConfig
 from engine.toy.captions import (
     BACKGROUND_COLOURS,
     BACKGROUND_KINDS,
@@ -17,7 +18,6 @@ from engine.toy.captions import (
     parse_caption,
 )
 from engine.toy.render import GAP, MARGIN, sample_params
-from engine.toy.world import ToyWorldConfig
 
 
 @st.composite

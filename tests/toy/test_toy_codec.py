@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from engine.config import ToyWorldConfig
 from engine.data.interfaces import VideoCodec, latent_shape
 from engine.toy.codec import ASSET, ToyCodec, fit_codec, fit_codec_on_dataset
 from engine.toy.metrics import compute_metrics
 from engine.toy.videos import psnr, to_tensor
-from engine.toy.world import ToyWorldConfig, ensure_dataset
+from engine.toy.world import ensure_dataset
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from engine.config import ToyWorldConfig
 from engine.toy.captions import BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, ClipParams, ObjectParams
 from engine.toy.metrics import (
     calibrate,
@@ -17,7 +18,6 @@ from engine.toy.metrics import (
 from engine.toy.render import render_clip, rgb_of, sample_params
 from engine.toy.videos import to_tensor
 from engine.toy.vision import analyze_clip
-from engine.toy.world import ToyWorldConfig
 
 T = 9
 

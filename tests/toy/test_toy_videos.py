@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.config import ToyWorldConfig
 from engine.toy.render import render_clip, sample_params
 from engine.toy.videos import psnr, read_video, to_tensor, to_uint8, write_vp9
-from engine.toy.world import ToyWorldConfig
 
 
 @pytest.fixture(scope="module")

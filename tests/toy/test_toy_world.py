@@ -7,10 +7,11 @@ import threading
 import numpy as np
 import pytest
 
+from engine.config import ToyWorldConfig
 from engine.toy.captions import OBJECT_COLOURS, ClipParams, ObjectParams, caption, caption_fields, parse_caption
 from engine.toy.render import render_clip, rgb_of, sample_params
 from engine.toy.videos import frames_hash, sha256_file
-from engine.toy.world import ToyWorldConfig, dataset_dir, read_manifest, sync_dataset, verify_dataset
+from engine.toy.world import dataset_dir, read_manifest, sync_dataset, verify_dataset
 
 
 def _tiny(tmp_path, **kw) -> ToyWorldConfig:
