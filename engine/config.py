@@ -536,21 +536,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _oc_error(exc) from exc
-    cfg = derive_toy_data(cfg, _explicit_data_keys(layers))
+    cfg = derive_toy_data(cfg, _explicit_keys(layers, "data", TOY_DATA_KEYS))
+    cfg = architecture_from_checkpoint(cfg, _explicit_keys(layers, "model", ARCH_FIELDS))
     validate(cfg)
     return cfg
+
+
+ARCH_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "patch_size")
+"""The fields of ModelConfig a checkpoint's config.json fixes (the rest say how the model runs)."""
+
+
+def architecture_from_checkpoint(cfg: RunConfig, explicit: dict[str, Any]) -> RunConfig:
+    """With no ``model.preset``, every architecture field the config does not set comes from ``model.checkpoint``'s
+    config.json (a user names the teacher, not its dims). Fields the config sets are kept, and checked against the
+    checkpoint when the job loads it. An unreadable checkpoint is left to the job, whose error names the key."""
+    m = cfg.model
+    if m.preset is not None or not m.checkpoint or set(explicit) >= set(ARCH_FIELDS):
+        return cfg
+    from engine.models.checkpoint import CheckpointError, read_model_config
+
+    try:
+        ckpt = read_model_config(m.checkpoint)
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return cfg
+    arch = {f: getattr(ckpt, f) for f in ARCH_FIELDS if f not in explicit}
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **arch))
 
 
 TOY_DATA_KEYS = ("num_frames", "height", "width", "fps")
 
 
-def _explicit_data_keys(layers) -> dict[str, Any]:
-    """The ``data.*`` clip-shape values a YAML file or an override sets (the last one wins)."""
+def _explicit_keys(layers, section: str, keys) -> dict[str, Any]:
+    """The values of ``section.<key>`` a YAML file or an override sets (the last one wins)."""
     out: dict[str, Any] = {}
     for layer in layers:
-        data = layer.get("data") if OmegaConf.is_dict(layer) else None
-        if data is not None and OmegaConf.is_dict(data):
-            out.update({k: data[k] for k in TOY_DATA_KEYS if k in data})
+        node = layer.get(section) if OmegaConf.is_dict(layer) else None
+        if node is not None and OmegaConf.is_dict(node):
+            out.update({k: node[k] for k in keys if k in node})
     return out
 
 

@@ -108,3 +108,21 @@ def test_toy_world_refuses_a_clip_shape_of_its_own():
         ConfigError, match=r"config key `data.height`: 48, but in the toy world it follows toy.height=32"
     ):
         load_config(TOY, ["data.height=48"])
+
+
+def test_architecture_comes_from_the_checkpoint_when_the_config_does_not_set_it(tmp_path):
+    from engine.config import ARCH_FIELDS, model_preset
+    from engine.models.checkpoint import save_weights
+    from engine.models.wan import WanModel
+
+    tiny = model_preset("tiny")
+    save_weights(WanModel(tiny), tiny, tmp_path / "teacher")
+    cfg = load_config(overrides=[f"model.checkpoint={tmp_path / 'teacher'}"])
+    assert {f: getattr(cfg.model, f) for f in ARCH_FIELDS if f != "patch_size"} == {
+        f: getattr(tiny, f) for f in ARCH_FIELDS if f != "patch_size"
+    }
+    assert tuple(cfg.model.patch_size) == tuple(tiny.patch_size)
+    kept = load_config(overrides=[f"model.checkpoint={tmp_path / 'teacher'}", "model.num_layers=5"])
+    assert kept.model.num_layers == 5 and kept.model.dim == tiny.dim  # a set field stays (the job checks it)
+    missing = load_config(overrides=[f"model.checkpoint={tmp_path / 'nowhere'}"])
+    assert missing.model.dim == 1536  # unreadable: left to the job, whose error names model.checkpoint

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 from safetensors import safe_open
 
-from engine.config import ConfigError, ModelConfig, RunConfig, deepspeed_config
+from engine.config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, deepspeed_config
 from engine.models.checkpoint import (
     CheckpointError,
     checkpoint_keys,
@@ -26,7 +26,6 @@ from engine.models.checkpoint import (
 from engine.models.wan import WanModel
 from engine.train import dist
 
-ARCH_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim", "patch_size")
 RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len")
 
 
