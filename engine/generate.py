@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -51,6 +50,7 @@ from engine.models.interp_unet import (
 )
 from engine.models.wan import WanModel, build_model
 from engine.train.timer import PhaseTimer
+from engine.worlds import VIEW_SCALE, build_world, kind_of, world_latent_shape
 from kernels._dispatch import kernel_mode
 
 log = logging.getLogger("engine.generate")
@@ -161,16 +161,16 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
 
 
 def world_of(cfg: RunConfig) -> str:
-    """toy (toy codec + toy text encoder) or wan (Wan VAE + umT5, both from local paths)."""
-    kinds = (cfg.vae.kind, cfg.text_encoder.kind)
-    if kinds == ("toy", "toy"):
-        return "toy"
-    if kinds != ("wan", "umt5"):
-        raise GenerateError(f"config key `vae.kind`: vae {kinds[0]} with text encoder {kinds[1]} is not a world")
-    for key, value in (("vae.path", cfg.vae.path), ("text_encoder.path", cfg.text_encoder.path)):
-        if not value or not Path(value).exists():
-            raise GenerateError(f"config key `{key}`: {value!r} does not exist (the Wan world loads local weights)")
-    return "wan"
+    """toy or wan (engine.worlds); the Wan world's weights must be local paths that exist."""
+    try:
+        kind = kind_of(cfg)
+    except ConfigError as exc:
+        raise GenerateError(str(exc)) from exc
+    if kind == "wan":
+        for key, value in (("vae.path", cfg.vae.path), ("text_encoder.path", cfg.text_encoder.path)):
+            if not value or not Path(value).exists():
+                raise GenerateError(f"config key `{key}`: {value!r} does not exist (the Wan world loads local weights)")
+    return kind
 
 
 def resolve_model(path: str | None, option: str, cfg: RunConfig, run_config: str | None = None) -> ModelSource:
@@ -211,10 +211,11 @@ def find_interpolator(settings: GenerateSettings, student: Path, in_dim: int) ->
 
 
 def latent_shape(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[int, int, int, int]:
-    """(C, F, H, W) of a clip of data.num_frames x data.height x data.width, divisible by the DiT's patch."""
-    d, v = cfg.data, cfg.vae
-    shape = (model_cfg.in_dim, 1 + (d.num_frames - 1) // v.temporal_stride)
-    shape += (d.height // v.spatial_stride, d.width // v.spatial_stride)
+    """The world's latent shape (engine.worlds) for this DiT's channels, divisible by the DiT's patch."""
+    try:
+        shape = world_latent_shape(cfg, model_cfg.in_dim)
+    except ConfigError as exc:
+        raise GenerateError(str(exc)) from exc
     for key, size, patch in zip(("num_frames", "height", "width"), shape[1:], model_cfg.patch_size):
         if size % patch:
             raise GenerateError(f"config key `data.{key}`: {size} latent cells are not divisible by the patch {patch}")
@@ -271,7 +272,7 @@ def plan_generation(cfg: RunConfig, settings: GenerateSettings) -> Plan:
             )
         except ValueError as exc:  # InterpolatorError included
             raise GenerateError(f"--sampler vif with data.num_frames={cfg.data.num_frames}: {exc}") from exc
-    scale = settings.view_scale or (4 if world == "toy" else 1)
+    scale = settings.view_scale or VIEW_SCALE[world]
     return Plan(cfg, settings, world, jobs, model, interpolator, shape, scale)
 
 
@@ -297,35 +298,6 @@ class TimedInterpolator:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class World:
-    encode: Callable[[list[str]], torch.Tensor]  # prompts -> (B, L, D) float32
-    decode: Callable[[torch.Tensor], torch.Tensor]  # (B, C, F, h, w) latents -> (B, 3, T, H, W) in [-1, 1]
-    uncond: torch.Tensor  # (1, L, D): the negative prompt, for CFG
-    z_dim: int
-    text_dim: int
-    strides: tuple[int, int]  # (temporal, spatial) pixels per latent cell
-
-
-def load_world(cfg: RunConfig, world: str, device: torch.device) -> World:
-    if world == "toy":
-        from engine.toy.recipes import toy_parts
-
-        parts = toy_parts(cfg)
-        codec = parts.codec.to(device)
-        strides = (codec.temporal_stride, codec.spatial_stride)
-        return World(
-            lambda p: parts.text.encode(p)[0], codec.decode, parts.uncond, codec.z_dim, parts.text.dim, strides
-        )
-    from engine.data.text import UMT5TextEncoder
-    from engine.data.vae import WanVAE
-
-    text = UMT5TextEncoder.from_config(cfg.text_encoder, device)
-    vae = WanVAE.from_config(cfg.vae, device)
-    strides = (vae.temporal_stride, vae.spatial_stride)
-    return World(lambda p: text.encode(p)[0], vae.decode, text.negative()[0], vae.z_dim, text.dim, strides)
-
-
 def load_dit(source: ModelSource, device: torch.device, dtype: torch.dtype) -> WanModel:
     """The DiT in eval mode on ``device`` in ``dtype``; every key and shape checked."""
     model = build_model(source.cfg, device="meta")
@@ -345,17 +317,22 @@ class Generator:
         self.plan, cfg = plan, plan.cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(cfg, cuda=self.device.type == "cuda")
-        self.world = load_world(cfg, plan.world, self.device)
+        try:
+            self.world = build_world(cfg, self.device)
+        except ConfigError as exc:
+            raise GenerateError(str(exc)) from exc
+        codec, text = self.world.codec, self.world.text
         mc, v = plan.model.cfg, cfg.vae
-        if self.world.strides != (v.temporal_stride, v.spatial_stride):
+        strides = (codec.temporal_stride, codec.spatial_stride)
+        if strides != (v.temporal_stride, v.spatial_stride):
             raise GenerateError(
-                f"config key `vae.temporal_stride`: the codec has strides {self.world.strides} (temporal, spatial), "
+                f"config key `vae.temporal_stride`: the codec has strides {strides} (temporal, spatial), "
                 f"the config says ({v.temporal_stride}, {v.spatial_stride}): the latent size would be wrong"
             )
-        if (self.world.z_dim, self.world.text_dim) != (mc.in_dim, mc.text_dim):
+        if (codec.z_dim, text.dim) != (mc.in_dim, mc.text_dim):
             raise GenerateError(
-                f"the {plan.world} world's codec/text encoder give (z_dim {self.world.z_dim}, text dim "
-                f"{self.world.text_dim}); the DiT {plan.model.path} expects ({mc.in_dim}, {mc.text_dim})"
+                f"the {plan.world} world's codec/text encoder give (z_dim {codec.z_dim}, text dim "
+                f"{text.dim}); the DiT {plan.model.path} expects ({mc.in_dim}, {mc.text_dim})"
             )
         try:
             self.model = load_dit(plan.model, self.device, self.dtype)
@@ -373,7 +350,7 @@ class Generator:
         noise = SampleNoise(seeds)
         x = noise((len(seeds), *self.plan.latent_shape), torch.float32, self.device)  # each video's first draw
         if s.sampler == "teacher":
-            d, uncond = cfg.diffusion, self.world.uncond.to(self.device).expand(len(seeds), -1, -1)
+            d, uncond = cfg.diffusion, self.world.unconditional().to(self.device).expand(len(seeds), -1, -1)
             with clock("sampling"):
                 return sample_teacher(
                     self.model, x, context, uncond, self.schedule, d.teacher_steps, d.guidance_scale, d.guidance_form
@@ -393,7 +370,7 @@ class Generator:
         """Generate and write one batch; returns the sidecars."""
         clock = PhaseTimer(sync=self.device.type == "cuda")
         with clock("text_encode"):
-            context = self.world.encode([j.prompt for j in jobs]).to(self.device)  # (B, L, D)
+            context = self.world.encode_text([j.prompt for j in jobs]).to(self.device)  # (B, L, D)
         latents = self.latents(context, [j.seed for j in jobs], clock)
         with clock("decode"):
             videos = self.world.decode(latents)  # (B, 3, T, H, W) in [-1, 1]

@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from engine.distill.job import run_distillation
-        from engine.distill.worlds import world_factory
 
-        summary = run_distillation(cfg, world_factory(cfg))
+        summary = run_distillation(cfg)
     except ConfigError as exc:
         print(f"run: {exc}", file=sys.stderr)
         return 2

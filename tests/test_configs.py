@@ -10,8 +10,8 @@ import pytest
 from engine.config import ConfigError, deepspeed_config, load_config
 from engine.distill.job import check_world_size
 from engine.distill.roles import resolve_model_config
-from engine.distill.wan_world import check_wan_config, make_wan_world, wan_latent_shape
-from engine.distill.worlds import world_factory
+from engine.worlds import kind_of, world_latent_shape
+from engine.worlds.wan import check_wan_config
 from launcher import run as run_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -45,14 +45,14 @@ def test_24_gpu_recipe_has_the_paper_hyperparameters(name):
     assert (t.enabled, t.weight, t.power, t.eps, t.tau) == (True, 0.05, 1.0, 1e-6, 0.6)
     assert (cfg.data.num_frames, cfg.data.fps, cfg.data.width, cfg.data.height) == (81, 16.0, 832, 480)
     assert cfg.data.source == "cache" and cfg.model.gradient_checkpointing
-    assert wan_latent_shape(cfg) == (16, 21, 60, 104)  # DESIGN.md section 4
+    assert world_latent_shape(cfg) == (16, 21, 60, 104)  # DESIGN.md section 4
     ds = deepspeed_config(cfg, 24, cuda=True)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and ds["train_batch_size"] == 24
     assert ds["gradient_clipping"] == 10.0
     check_world_size(cfg, 24)
     with pytest.raises(ConfigError, match="optim.global_batch_size"):
         check_world_size(cfg, 16)
-    assert world_factory(cfg) is make_wan_world
+    assert kind_of(cfg) == "wan"
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

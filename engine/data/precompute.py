@@ -67,8 +67,7 @@ def run_precompute(
 ) -> dict[str, bool]:
     """Build the requested caches of ``cfg.data.manifest`` into ``cfg.data.cache_dir``; returns {kind: index done}."""
     from engine.data.reader import build_reader
-    from engine.data.text import UMT5TextEncoder
-    from engine.data.vae import WanVAE
+    from engine.worlds import build_world
 
     d = cfg.data
     if not d.manifest or not d.cache_dir:
@@ -79,8 +78,9 @@ def run_precompute(
     sizes = {"text": text_shard_size, "latents": latent_shard_size}
     prints = _fingerprints(cfg, d.manifest, len(manifest), sizes)
     done = {}
+    world = build_world(cfg, device)  # nothing is loaded until a kind asks for its encoder
     if "text" in kinds:
-        encoder = UMT5TextEncoder.from_config(cfg.text_encoder, device)
+        encoder = world.load_text()
         precompute_text(
             manifest.entries,
             encoder,
@@ -97,7 +97,7 @@ def run_precompute(
         done["text"] = _try_index(d.cache_dir, "text", len(manifest), sizes["text"])
         del encoder
     if "latents" in kinds:
-        codec = WanVAE.from_config(cfg.vae, device)
+        codec = world.load_codec()
         reader = build_reader(manifest.entries, d, batch_size=batch_size, rank=rank, world_size=world_size)
         precompute_latents(
             reader,

@@ -18,6 +18,12 @@ NoiseSource = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tenso
 the batch it is in). A plain ``torch.Generator`` is accepted wherever a NoiseSource is."""
 
 
+def video_seed(seed: int, i: int) -> int:
+    """The seed of video ``i`` of a set drawn with ``seed`` (the engine's one per-video noise convention: training
+    samples, the toy world's evaluation; ``launcher/generate.py --seeds video_seed(seed, i)`` reproduces video i)."""
+    return seed * 100_003 + i
+
+
 class SampleNoise:
     """A NoiseSource with one CPU generator per video, seeded with its seed: each video's draws do not depend on the
     batch (or the rank) it is generated on."""

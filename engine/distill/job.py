@@ -1,42 +1,34 @@
 """A distillation job end to end: process group, config checks, roles, the world (data + sampling), the loop, export.
 
-The world (toy or Wan) is supplied by a factory so that the job never branches on where its data comes from.
+The world (engine/worlds: toy or Wan) gives the data, the unconditional context and the sample prompts, so the job
+never branches on where its data comes from; tests pass a factory of their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.config import ConfigError, RunConfig, resolve_dtype, save_config
 from engine.deploy import export_interpolator, interpolator_dir
-from engine.distill.data import TrainSource
 from engine.distill.export import export_diffusers
 from engine.distill.method import DMDMethod
 from engine.distill.roles import build_roles, resolve_model_config
+from engine.distill.samples import world_sampler
 from engine.models.checkpoint import weights_fingerprint
 from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
 from engine.train import checkpoint as ckpt
 from engine.train import dist
 from engine.train.loop import Loop, LoopSettings
-
-
-@dataclass
-class World:
-    source: TrainSource
-    """Per-rank batches: prompts for the DMD branch, real latents + captions for regression."""
-    uncond: torch.Tensor
-    """(1, L, D) embedding of the negative prompt."""
-    latent_shape: tuple[int, int, int, int]
-    """(C, F, H, W) of generated latents."""
-    sampler: Callable[[torch.nn.Module, int], None] | None = None
-    """Writes sample videos from the generator module at a step (collective under ZeRO-3)."""
-
+from engine.worlds import World, build_world, kind_of
 
 WorldFactory = Callable[[RunConfig, torch.device], World]
+
+
+def training_world(cfg: RunConfig, device: torch.device) -> World:
+    return build_world(cfg, device, training=True)
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
@@ -63,8 +55,9 @@ def configured_interpolator(cfg: RunConfig, in_dim: int) -> Path | None:
     return path
 
 
-def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> dict:
-    """Run (or resume) a distillation job. Returns the trainer's summary on every rank."""
+def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, on_step=None) -> dict:
+    """Run (or resume) a distillation job. Returns the loop's summary on every rank."""
+    kind_of(cfg)  # a pairing of codec and text encoder that is no world fails before anything starts
     model_cfg = resolve_model_config(cfg)  # fails on a bad checkpoint path or architecture before anything is built
     interp = configured_interpolator(cfg, model_cfg.in_dim)
     teacher_id = weights_fingerprint(cfg.model.checkpoint) if cfg.model.checkpoint else None
@@ -78,9 +71,10 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory, on_step=None) -> 
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     world = make_world(cfg, device)  # data problems surface here, still before any model is built
     roles = build_roles(cfg, model_cfg, resolve_dtype(cfg))
-    method = DMDMethod(cfg, roles, world.uncond, world.latent_shape, device)
+    method = DMDMethod(cfg, roles, world.unconditional(), world.latent_shape, device)
     gen = roles.generator.module
-    sampler = (lambda step: world.sampler(gen, step)) if world.sampler else None
+    write = world_sampler(cfg, world, device)
+    sampler = (lambda step: write(gen, step)) if write else None
 
     export = Path(cfg.logging.run_dir) / "export" / "transformer"
 

@@ -13,7 +13,6 @@ import torch
 from engine.config import RunConfig
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import guided_velocity
-from engine.distill.data import Batch
 from engine.distill.roles import Roles
 from engine.losses import AdaptiveRegressionLoss, critic_flow_loss, dmd_loss, temporal_regularization
 from engine.models.flops import dit_forward_flops
@@ -21,6 +20,7 @@ from engine.train import dist
 from engine.train.loop import Update
 from engine.train.observe import peak_tflops
 from engine.train.timer import PhaseTimer
+from engine.worlds.source import Batch
 
 
 class DMDMethod:

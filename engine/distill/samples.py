@@ -20,7 +20,7 @@ import torch
 from engine.config import RunConfig
 from engine.data.mp4 import to_frames, write_mp4
 from engine.diffusion.flow import FlowSchedule
-from engine.diffusion.samplers import SampleNoise, sample_student
+from engine.diffusion.samplers import SampleNoise, sample_student, video_seed
 from engine.train import dist
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -30,10 +30,6 @@ Decode = Callable[[torch.Tensor], torch.Tensor]
 def sample_name(step: int, seed: int, i: int, prompt: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48] or "prompt"
     return f"step{step:07d}_seed{seed}_{i:02d}_{slug}.mp4"
-
-
-def video_seed(seed: int, i: int) -> int:
-    return seed * 100_003 + i
 
 
 def rank_block(num_videos: int, rank: int, world_size: int) -> list[int]:
@@ -93,3 +89,14 @@ def make_sampler(
             write_mp4(out_dir / sample_name(step, seed, i, prompts[i]), frames, cfg.data.fps, scale=view_scale)
 
     return sampler
+
+
+def world_sampler(cfg: RunConfig, world, device: torch.device) -> Callable[[torch.nn.Module, int], None] | None:
+    """The sampler of a world's sample prompts (``engine.worlds.World``), or None when it has none or cannot
+    decode (a cache run without ``vae.path``)."""
+    if not world.sample_prompts or world.load_codec is None:
+        return None
+    return make_sampler(
+        cfg, world.sample_prompts, world.sample_context, lambda lat: world.decode(lat)[0], world.latent_shape, device,
+        view_scale=world.view_scale,
+    )  # fmt: skip

@@ -257,20 +257,13 @@ def open_latents(
 def online_latents(
     cfg: Any, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, device: str | torch.device = "cpu"
 ) -> EncodedLatents:
-    """Decode ``cfg.data.manifest`` with the configured reader and encode with the configured VAE (or toy codec)."""
+    """Decode ``cfg.data.manifest`` with the configured reader and encode with the world's codec (engine.worlds)."""
     from engine.data.manifest import load_manifest
     from engine.data.reader import build_reader
+    from engine.worlds import build_world
 
-    if cfg.vae.kind == "toy":
-        from engine.toy.codec import ToyCodec
-
-        codec = ToyCodec.load().to(device)
-    else:
-        from engine.data.vae import WanVAE
-
-        codec = WanVAE.from_config(cfg.vae, device)
     if cfg.data.manifest is None:
         raise ValueError("config key `data.manifest` is required for online latents")
     entries = load_manifest(cfg.data.manifest, cfg.data.root).entries
     reader = build_reader(entries, cfg.data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
-    return EncodedLatents(reader, codec, device)
+    return EncodedLatents(reader, build_world(cfg, device).codec, device)

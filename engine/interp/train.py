@@ -304,7 +304,7 @@ def _run_toy(cfg: RunConfig, common: dict, export_dir) -> InterpRun:
     """Train on the toy world's train-split latents; score the held-out val split against the linear blend."""
     from engine.interp.data import TensorLatents
     from engine.toy.data import toy_tensors
-    from engine.toy.recipes import toy_parts
+    from engine.toy.parts import toy_parts
 
     parts = toy_parts(cfg)
     train = toy_tensors(cfg.toy, parts.codec, parts.text, split="train")

@@ -21,7 +21,8 @@ from engine.models.interp_unet import load_interpolator
 from engine.toy.data import toy_tensors
 from engine.toy.evaluate import real_rows, reference_for
 from engine.toy.metrics import compute_metrics, format_table
-from engine.toy.recipes import load_teacher, toy_parts, train_teacher
+from engine.toy.parts import toy_parts
+from engine.toy.recipes import load_teacher, train_teacher
 from engine.toy.sampling import decode, student_latents, teacher_latents, vif_latents
 from engine.toy.world import ensure_dataset
 from engine.train import checkpoint as ckpt

@@ -1,4 +1,4 @@
-"""The toy world's recipes: its components from the run config, training and scoring the teacher.
+"""The toy world's recipes: training and scoring the teacher.
 
 Everything here is glue over engine/toy (data, codec, text, metrics) and the engine's own model and samplers.
 """
@@ -6,52 +6,17 @@ Everything here is glue over engine/toy (data, codec, text, metrics) and the eng
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from engine.config import ConfigError, RunConfig
-from engine.diffusion.flow import FlowSchedule
+from engine.config import RunConfig
 from engine.models.checkpoint import load_weights, read_model_config
 from engine.models.wan import WanModel
-from engine.toy.codec import ASSET, ToyCodec
-from engine.toy.data import ToyTensors, toy_tensors
+from engine.toy.data import toy_tensors
 from engine.toy.evaluate import real_rows, reference_for
 from engine.toy.metrics import compute_metrics, format_table
+from engine.toy.parts import toy_parts
 from engine.toy.sampling import decode, teacher_latents
 from engine.toy.teacher import TeacherTrainer
-from engine.toy.text import ToyTextEncoder
-
-
-@dataclass
-class ToyParts:
-    codec: ToyCodec
-    text: ToyTextEncoder
-    uncond: torch.Tensor  # (1, L, D) empty-prompt embedding
-    schedule: FlowSchedule
-
-
-def toy_parts(cfg: RunConfig) -> ToyParts:
-    """Codec and text encoder of the toy world, checked against the run config before anything heavy runs."""
-    if cfg.vae.kind != "toy" or cfg.text_encoder.kind != "toy":
-        raise ConfigError("config key `vae.kind`: the toy world needs vae.kind=toy and text_encoder.kind=toy")
-    codec = ToyCodec.load(cfg.vae.path or ASSET)
-    if (codec.temporal_stride, codec.spatial_stride) != (cfg.vae.temporal_stride, cfg.vae.spatial_stride):
-        raise ConfigError(
-            f"config key `vae.spatial_stride`: the toy codec has strides (temporal {codec.temporal_stride}, spatial "
-            f"{codec.spatial_stride}), the config says ({cfg.vae.temporal_stride}, {cfg.vae.spatial_stride})"
-        )
-    if codec.z_dim != cfg.model.in_dim:
-        raise ConfigError(f"config key `model.in_dim`: {cfg.model.in_dim} != the toy codec's {codec.z_dim} channels")
-    text = ToyTextEncoder(dim=cfg.model.text_dim, max_length=cfg.text_encoder.max_length)
-    uncond, _ = text.encode([cfg.text_encoder.negative_prompt])
-    d = cfg.diffusion
-    return ToyParts(codec, text, uncond, FlowSchedule(d.num_train_timesteps, d.shift))
-
-
-def latent_shape(cfg: RunConfig, tensors: ToyTensors) -> tuple[int, int, int, int]:
-    return tuple(tensors.latents.shape[1:])
 
 
 def train_teacher(cfg: RunConfig) -> dict:

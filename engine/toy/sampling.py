@@ -7,23 +7,20 @@ from collections.abc import Callable
 import torch
 
 from engine.diffusion.flow import FlowSchedule
-from engine.diffusion.samplers import sample_student, sample_teacher
+from engine.diffusion.samplers import SampleNoise, sample_student, sample_teacher, video_seed
 from engine.diffusion.vif import sample_vif
 from engine.toy.codec import ToyCodec
 
 
 def _batched(fn: Callable, context: torch.Tensor, shape: tuple, seed: int, batch: int) -> torch.Tensor:
-    """Run fn(noise, context_chunk, generator) over chunks; noise of sample i depends only on (seed, i)."""
+    """Run fn(x, context_chunk, noise) over chunks. Video i draws its initial noise ``x`` and every re-noise from one
+    generator seeded with ``video_seed(seed, i)`` (the engine's convention, as ``launcher/generate.py``): a video
+    depends on (prompt, seed, i) only, not on the chunk it lands in."""
     outs = []
     for start in range(0, context.shape[0], batch):
         ctx = context[start : start + batch]
-        noise = torch.stack(
-            [
-                torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + start + i))
-                for i in range(len(ctx))
-            ]
-        )
-        outs.append(fn(noise, ctx, torch.Generator().manual_seed(seed + start)))
+        noise = SampleNoise([video_seed(seed, start + i) for i in range(len(ctx))])
+        outs.append(fn(noise((len(ctx), *shape), torch.float32, ctx.device), ctx, noise))
     return torch.cat(outs)
 
 

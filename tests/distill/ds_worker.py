@@ -15,9 +15,9 @@ import deepspeed
 import torch
 
 from engine.config import load_config
-from engine.distill.data import Batch, TensorSource
 from engine.distill.job import World, run_distillation
 from engine.train import dist
+from engine.worlds.source import Batch, TensorSource
 
 LATENT = (4, 3, 4, 4)  # (C, F, H, W) for the tiny preset (in_dim 4)
 CTX = (6, 16)  # (L, text_dim)
@@ -31,7 +31,7 @@ class NanAt(TensorSource):
         self.nan_batches = set(nan_batches)
 
     def next_batch(self) -> Batch:
-        index = self.epoch * 1000 + self.cursor  # position-based, so it survives resume
+        index = self.position.epoch * 1000 + self.position.cursor  # position-based, so it survives resume
         b = super().next_batch()
         if index in self.nan_batches:
             b.real_latents = torch.full_like(b.real_latents, float("nan"))

@@ -24,10 +24,10 @@ from engine.data.mp4 import probe
 from engine.data.source import build_source
 from engine.data.text import UMT5TextEncoder
 from engine.data.vae import WanVAE
-from engine.distill.samples import sample_name
-from engine.distill.wan_world import StreamSource, check_wan_config, make_wan_world
+from engine.distill.samples import sample_name, world_sampler
 from engine.models.checkpoint import load_weights, save_weights
 from engine.models.wan import WanModel
+from engine.worlds.wan import StreamSource, check_wan_config, wan_world
 from launcher import precompute as precompute_cli
 from tests.data.clips import write_clip
 from tests.data.tiny_models import SENTENCES, save_text_encoder, save_vae
@@ -176,7 +176,7 @@ def test_config_errors_name_the_key(parts, overrides, key):
 
 def test_a_directory_without_caches_names_the_fix(parts, tmp_path):
     with pytest.raises(ConfigError, match="index.json not found: run `python -m launcher.precompute"):
-        make_wan_world(config(parts, f"data.cache_dir={tmp_path}"), torch.device("cpu"))
+        wan_world(config(parts, f"data.cache_dir={tmp_path}"), torch.device("cpu"), training=True)
 
 
 def test_valid_configs_pass_the_checks(parts):
@@ -191,20 +191,22 @@ def test_valid_configs_pass_the_checks(parts):
 
 
 def test_cache_world_samples_the_first_captions_and_skips_without_a_vae(parts, tmp_path, caplog):
-    world = make_wan_world(config(parts, run_dir=tmp_path), torch.device("cpu"))
+    cfg = config(parts, run_dir=tmp_path)
+    world = wan_world(cfg, torch.device("cpu"), training=True)
     assert world.latent_shape == LATENT
     torch.testing.assert_close(world.uncond, read_negative(parts.cache)[0])
     model = WanModel(model_preset("tiny", in_dim=16, out_dim=16))
     load_weights(model, parts.teacher)
-    world.sampler(model, 7)
+    world_sampler(cfg, world, torch.device("cpu"))(model, 7)
     videos = sorted((tmp_path / "samples").glob("*.mp4"))
     # the cache's first captions, in manifest order
     assert [v.name for v in videos] == [sample_name(7, 0, i, SENTENCES[i]) for i in range(NUM_CLIPS)]
     assert videos[0].name == "step0000007_seed0_00_a_red_ball_rolls_to_the_left_across_a_wooden_tab.mp4"
     assert probe(videos[0]) == {"codec": "h264", "frames": 9, "width": 16, "height": 16, "fps": 16.0}
     with caplog.at_level(logging.INFO, logger="vidistill.train"):
-        world = make_wan_world(config(parts, "vae.path=null", run_dir=tmp_path), torch.device("cpu"))
-    assert world.sampler is None and "sample videos skipped" in caplog.text
+        cfg = config(parts, "vae.path=null", run_dir=tmp_path)
+        world = wan_world(cfg, torch.device("cpu"), training=True)
+    assert world_sampler(cfg, world, torch.device("cpu")) is None and "sample videos skipped" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from engine.config import load_config
 from engine.distill.job import run_distillation
-from engine.distill.worlds import world_factory
 
 TOY = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
 
@@ -25,7 +24,7 @@ def main() -> None:
         if metrics is not None:
             losses.append({k: float(v) for k, v in metrics.items() if k.startswith("loss")})
 
-    summary = run_distillation(cfg, world_factory(cfg), on_step=record)
+    summary = run_distillation(cfg, on_step=record)
     path = out.with_name(f"{out.stem}.rank{summary['rank']}.json")
     path.write_text(json.dumps({"step": summary["step"], "losses": losses}, indent=1))
 

@@ -1,5 +1,6 @@
-"""The Wan world as seen by the distillation job: per-rank batches of VAE latents and umT5 embeddings (precomputed
-caches or encoded online), the negative prompt for CFG, and a sampler that writes 4-step sample videos.
+"""The Wan world: AutoencoderKLWan and umT5 from local paths (loaded on first use); for training, per-rank batches of
+VAE latents and umT5 embeddings (precomputed caches or encoded online), the negative prompt for CFG, and the prompts
+of the sample videos.
 
 DMD prompts come from the same draw as the regression pair. Algorithm 1 writes ``c ~ D`` and ``(c_y, y) ~ D``; one
 draw serves both because each branch still sees captions distributed as the data. A second draw would, online, decode
@@ -22,27 +23,14 @@ from safetensors import safe_open
 
 from engine.config import ConfigError, RunConfig
 from engine.data.cache import CacheError, read_index, read_negative
-from engine.data.interfaces import latent_shape
 from engine.data.source import CacheDataset, build_source
-from engine.distill.data import Batch
-from engine.distill.job import World
-from engine.distill.samples import make_sampler
 from engine.train import dist
+from engine.worlds.base import World, latent_shape, world_latent_shape
+from engine.worlds.source import Batch
 
 log = logging.getLogger("vidistill.train")
 NUM_DEFAULT_SAMPLES = 4  # sample videos from the data's first captions when no prompts are configured
 PRECOMPUTE = "python -m launcher.precompute --config <this config>"
-
-
-def wan_latent_shape(cfg: RunConfig) -> tuple[int, int, int, int]:
-    """(C, F, H, W) of a clip's latent: C = model.in_dim, F = 1 + (frames - 1) / temporal stride, H, W / spatial."""
-    d, v = cfg.data, cfg.vae
-    return (
-        cfg.model.in_dim,
-        1 + (d.num_frames - 1) // v.temporal_stride,
-        d.height // v.spatial_stride,
-        d.width // v.spatial_stride,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,10 +71,10 @@ def _check_cache(cfg: RunConfig) -> None:
                 f"{built[key]}; train with the config the cache was built with, or build a new cache"
             )
     cached = _cached_latent_shape(d.cache_dir, index["latents"])
-    if cached != wan_latent_shape(cfg):
+    if cached != world_latent_shape(cfg):
         raise ConfigError(
             f"config key `model.in_dim`: the latent cache in {d.cache_dir} holds {cached} latents, this config expects"
-            f" {wan_latent_shape(cfg)} (model.in_dim, vae.temporal_stride, vae.spatial_stride)"
+            f" {world_latent_shape(cfg)} (model.in_dim, vae.temporal_stride, vae.spatial_stride)"
         )
     try:
         negative, prompt, max_length = read_negative(d.cache_dir)
@@ -130,7 +118,10 @@ def check_wan_config(cfg: RunConfig) -> None:
 def _check_online_parts(cfg: RunConfig, codec, encoder_dim: int, shape: tuple) -> None:
     d = cfg.data
     try:
-        got = latent_shape(codec, d.num_frames, d.height, d.width)
+        got = latent_shape(
+            d.num_frames, d.height, d.width,
+            channels=codec.z_dim, temporal_stride=codec.temporal_stride, spatial_stride=codec.spatial_stride,
+        )  # fmt: skip
     except ValueError as exc:
         raise ConfigError(f"config key `vae`: the VAE at {cfg.vae.path}: {exc}") from exc
     if got != shape:
@@ -148,7 +139,7 @@ def _check_online_parts(cfg: RunConfig, codec, encoder_dim: int, shape: tuple) -
 
 
 class StreamSource:
-    """A :class:`~engine.distill.data.TrainSource` over an endless stream of data dicts (``CacheDataset`` or
+    """A :class:`~engine.worlds.source.TrainSource` over an endless stream of data dicts (``CacheDataset`` or
     ``OnlineSource``): ``latents`` (B, C, F, H, W) and ``text_emb`` (B, L, D) become one :class:`Batch` whose DMD
     prompts are the regression pair's captions (module docstring). The stream's position is the resumable state."""
 
@@ -196,41 +187,53 @@ def _first_cached_captions(cache_dir: str, n: int) -> tuple[list[str], torch.Ten
     return batch["caption"], batch["text_emb"]
 
 
-def _from_cache(cfg: RunConfig, device):
-    """(stream, uncond (1, L, D), samples (prompts, context, codec) or None) from the precomputed caches."""
-    from engine.data.text import UMT5TextEncoder
-    from engine.data.vae import WanVAE
+def _text_loader(cfg: RunConfig, device):
+    def load():
+        from engine.data.text import UMT5TextEncoder
 
+        return UMT5TextEncoder.from_config(cfg.text_encoder, device)
+
+    return load
+
+
+def _codec_loader(cfg: RunConfig, device):
+    def load():
+        from engine.data.vae import WanVAE
+
+        return WanVAE.from_config(cfg.vae, device)
+
+    return load
+
+
+def _from_cache(cfg: RunConfig, world: World) -> None:
+    """The stream, the negative prompt and the sample prompts from the precomputed caches; the VAE is loaded only
+    where sample videos are decoded (rank 0), umT5 only to encode configured sample prompts (then freed)."""
     d = cfg.data
     stream = build_source(
         d, batch_size=cfg.optim.micro_batch_size, rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed
     )
-    uncond, _, _ = read_negative(d.cache_dir)
+    world.source = StreamSource(stream, world.latent_shape, world.device, kind="cache")
+    world.uncond = read_negative(d.cache_dir)[0].to(world.device)
     if not cfg.vae.path:
+        world.load_codec = None
         if dist.is_main():
             log.info("sample videos skipped: vae.path is not set (a cache run loads the VAE only to decode samples)")
-        return stream, uncond, None
+        return
     if cfg.logging.sample_prompts:
         prompts = list(cfg.logging.sample_prompts)
-        encoder = UMT5TextEncoder.from_config(cfg.text_encoder, device)
-        context = encoder.encode(prompts)[0]  # (N, L, D)
-        del encoder  # only these prompts needed it
+        encoder = world.load_text()  # not kept: only these prompts need it
+        world.sample_prompts, world.sample_context = prompts, encoder.encode(prompts)[0]
+        del encoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
-        prompts, context = _first_cached_captions(d.cache_dir, NUM_DEFAULT_SAMPLES)
-    codec = WanVAE.from_config(cfg.vae, device) if dist.is_main() else None  # only rank 0 decodes
-    return stream, uncond, (prompts, context, codec)
+        world.sample_prompts, world.sample_context = _first_cached_captions(d.cache_dir, NUM_DEFAULT_SAMPLES)
 
 
-def _online(cfg: RunConfig, device, shape):
-    """(stream, uncond, samples) with the VAE and umT5 encoding in the loop on every rank."""
-    from engine.data.text import UMT5TextEncoder
-    from engine.data.vae import WanVAE
-
-    codec = WanVAE.from_config(cfg.vae, device)
-    encoder = UMT5TextEncoder.from_config(cfg.text_encoder, device)
-    _check_online_parts(cfg, codec, encoder.dim, shape)
+def _online(cfg: RunConfig, world: World) -> None:
+    """The stream with the VAE and umT5 encoding in the loop on every rank."""
+    codec, encoder = world.codec, world.text
+    _check_online_parts(cfg, codec, encoder.dim, world.latent_shape)
     stream = build_source(
         cfg.data,
         batch_size=cfg.optim.micro_batch_size,
@@ -239,23 +242,26 @@ def _online(cfg: RunConfig, device, shape):
         seed=cfg.train.seed,
         codec=codec,
         text_encoder=encoder,
-        device=device,
+        device=world.device,
     )
+    world.source = StreamSource(stream, world.latent_shape, world.device, kind="online")
+    world.uncond = encoder.negative()[0].to(world.device)
     prompts = list(cfg.logging.sample_prompts) or [e.caption for e in stream.reader.entries[:NUM_DEFAULT_SAMPLES]]
-    return stream, encoder.negative()[0], (prompts, encoder.encode(prompts)[0], codec)
+    world.sample_prompts, world.sample_context = prompts, encoder.encode(prompts)[0]
 
 
-def make_wan_world(cfg: RunConfig, device: torch.device) -> World:
-    """The job's world for Wan2.1: checks the config, then builds the per-rank source, negative prompt and sampler."""
-    check_wan_config(cfg)
-    shape = wan_latent_shape(cfg)
-    if cfg.data.source == "cache":
-        stream, uncond, samples = _from_cache(cfg, device)
-    else:
-        stream, uncond, samples = _online(cfg, device, shape)
-    sampler = None
-    if samples:
-        prompts, context, codec = samples
-        sampler = make_sampler(cfg, prompts, context, lambda lat: codec.decode(lat)[0], shape, device)
-    source = StreamSource(stream, shape, device, kind=cfg.data.source)
-    return World(source=source, uncond=uncond.to(device), latent_shape=shape, sampler=sampler)
+def wan_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: bool = False) -> World:
+    """The Wan world; ``training`` checks the data config first, then builds this rank's source, the negative prompt
+    and the sample prompts (before any model is built)."""
+    world = World(
+        latent_shape=world_latent_shape(cfg),
+        kind="wan",
+        negative_prompt=cfg.text_encoder.negative_prompt,
+        device=device,
+        load_text=_text_loader(cfg, device),
+        load_codec=_codec_loader(cfg, device),
+    )
+    if training:
+        check_wan_config(cfg)
+        (_from_cache if cfg.data.source == "cache" else _online)(cfg, world)
+    return world

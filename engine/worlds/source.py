@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from engine.data.sampler import Position, ShardedOrder
+
 
 @dataclass
 class Batch:
@@ -30,8 +32,10 @@ class TrainSource(Protocol):
 class TensorSource:
     """Latents and text embeddings held in memory (the toy world, precomputed caches that fit in RAM, tests).
 
-    Each epoch is a seeded permutation shared by all ranks; rank r reads positions r, r + W, r + 2W, ... of it, so
-    ranks see disjoint samples covering the epoch. The position (epoch, cursor) is the resumable state.
+    The order is the data pipeline's (``engine.data.sampler.ShardedOrder``): each epoch a seeded permutation shared by
+    all ranks, rank r reading positions r, r + W, r + 2W, ... of it, a batch continuing into the next epoch when one
+    ends. The position (epoch, cursor) is the resumable state. Each batch draws its regression pairs, then separately
+    its DMD prompts (the DMD branch needs captions only).
     """
 
     def __init__(
@@ -47,34 +51,29 @@ class TensorSource:
     ):
         if latents.shape[0] != context.shape[0]:
             raise ValueError(f"{latents.shape[0]} latents but {context.shape[0]} text embeddings")
-        per_rank = latents.shape[0] // world_size
-        if per_rank < batch_size:
+        if latents.shape[0] // world_size < batch_size:
             raise ValueError(
                 f"{latents.shape[0]} samples cannot fill a batch of {batch_size} on each of {world_size} ranks"
             )
         self.latents, self.context = latents, context
-        self.batch_size, self.rank, self.world = batch_size, rank, world_size
-        self.seed, self.device = seed, device
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.latents.shape[0], generator=g)
-        usable = (perm.numel() // self.world) * self.world
-        return perm[:usable][self.rank :: self.world]  # this rank's share of the epoch
+        self.batch_size, self.device = batch_size, device
+        self.order = ShardedOrder(latents.shape[0], rank=rank, world_size=world_size, seed=seed)
+        self.position = Position()
+        self._stream = None
 
     def next_indices(self) -> torch.Tensor:
-        if self.cursor + self.batch_size > self._order.numel():
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._permutation()
-        idx = self._order[self.cursor : self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        return idx
+        if self._stream is None:
+            self._stream = self.order.items(self.position)
+        idx = []
+        for _ in range(self.batch_size):
+            item = next(self._stream)
+            idx.append(item.index)
+            self.position = item.after
+        return torch.tensor(idx)
 
     def next_batch(self) -> Batch:
         real = self.next_indices()
-        prompts = self.next_indices()  # a separate draw: the DMD branch needs captions only
+        prompts = self.next_indices()
         to = dict(device=self.device)
         return Batch(
             prompts=self.context[prompts].to(**to),
@@ -83,8 +82,8 @@ class TensorSource:
         )
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return self.order.state(self.position)
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._permutation()
+        self.position = self.order.position_from(state)
+        self._stream = None

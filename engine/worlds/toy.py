@@ -1,0 +1,43 @@
+"""The toy world: procedural clips (engine/toy), the toy codec and the toy text encoder, all cheap enough to build on
+every rank; the training source holds the train split in memory."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import ConfigError, RunConfig
+from engine.toy.data import toy_tensors
+from engine.toy.parts import toy_parts
+from engine.train import dist
+from engine.worlds.base import World, world_latent_shape
+from engine.worlds.source import TensorSource
+
+NUM_DEFAULT_SAMPLES = 4  # sample videos of the first val captions when logging.sample_prompts is empty
+
+
+def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: bool = False) -> World:
+    parts = toy_parts(cfg)
+    world = World(
+        latent_shape=world_latent_shape(cfg, parts.codec.z_dim),
+        uncond=parts.uncond,
+        kind="toy",
+        view_scale=4,  # 32x32 clips are written 128x128 (engine.worlds.VIEW_SCALE)
+        device=device,
+        load_text=lambda: parts.text,
+        load_codec=lambda: parts.codec.to(device),
+    )
+    if training:
+        train = toy_tensors(cfg.toy, parts.codec, parts.text, split="train")
+        val = toy_tensors(cfg.toy, parts.codec, parts.text, split="val")
+        if tuple(train.latents.shape[1:]) != world.latent_shape:
+            raise ConfigError(
+                f"config key `toy`: the toy dataset's latents are {tuple(train.latents.shape[1:])}, the world expects "
+                f"{world.latent_shape}"
+            )
+        world.source = TensorSource(
+            train.latents, train.context, cfg.optim.micro_batch_size,
+            rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed, device=device,
+        )  # fmt: skip
+        world.sample_prompts = list(cfg.logging.sample_prompts) or val.captions[:NUM_DEFAULT_SAMPLES]
+        world.sample_context = parts.text.encode(world.sample_prompts)[0]
+    return world
