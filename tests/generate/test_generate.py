@@ -134,7 +134,7 @@ def test_latents_do_not_depend_on_the_batch(deploy, trained, sampler):
     paths = {"student": str(deploy), "teacher": str(trained["teacher"])}
     settings = GenerateSettings(out_dir="unused", prompts=prompts, sampler=sampler, teacher_steps=steps, **paths)
     gen = Generator(plan_generation(toy_config(), settings), "cpu")
-    ctx = gen.world.encode(prompts)
+    ctx = gen.world.encode_text(prompts)
     with torch.no_grad():
         batch = gen.latents(ctx, [5, 6, 7], PhaseTimer())
         alone = gen.latents(ctx[1:2], [6], PhaseTimer())
@@ -184,7 +184,8 @@ def test_wan_world_vae_and_umt5(tmp_path, capsys):
     save_weights(WanModel(cfg), cfg, tmp_path / "deploy" / "transformer")
     overrides = ["model.preset=tiny", "model.in_dim=16", "model.out_dim=16", "model.text_dim=16",
                  "vae.kind=wan", f"vae.path={models}", "text_encoder.kind=umt5", f"text_encoder.path={models}",
-                 "text_encoder.max_length=8", "data.num_frames=9", "data.height=16", "data.width=16"]  # fmt: skip
+                 "text_encoder.max_length=8", "data.num_frames=9", "data.height=16", "data.width=16",
+                 "data.fps=8.0"]  # fmt: skip
     out = tmp_path / "out"
     seeds = ["--seeds", "0", "1", "--"]  # -- ends the --seeds list before the overrides
     args = ["--student", str(tmp_path / "deploy"), "--prompt", "a red ball rolls", *seeds]
@@ -269,7 +270,7 @@ def test_frame_count_that_cannot_be_halved(tmp_path, corrupt_deploy, capsys):
 
 def test_unknown_world(tmp_path, corrupt_deploy, capsys):
     err = fails(capsys, tmp_path, "--student", str(corrupt_deploy), "--prompt", "a", "text_encoder.kind=umt5")
-    assert "vae toy with text encoder umt5 is not a world" in err
+    assert "vae.kind=toy with text_encoder.kind=umt5 is not a world" in err
 
 
 def test_wan_world_without_local_weights(tmp_path, corrupt_deploy, capsys):
