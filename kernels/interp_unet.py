@@ -1,16 +1,24 @@
-"""Inference kernels of the frame-interpolation U-Net (engine/models/interp_unet.py): forward only.
+"""Inference ops of the frame-interpolation U-Net: forward only, on tensors and numbers.
 
-One Triton kernel per ConvNormAct unit (3x3 same-padding conv -> LayerNorm over channels at each pixel -> SiLU), as an
-implicit GEMM: a program holds BLOCK_M consecutive pixels of one image x all output channels, accumulates
-``tl.dot`` over the K = 9 taps x Cin reduction in (tap, channel chunk) steps, and finishes in its epilogue with the
-bias, the per-pixel LayerNorm (a row reduction, because the tile holds every output channel), the affine and SiLU:
-one read of the input (per tap, through the cache), one write of the output. The model's ConvBlock is two such units;
-each is one kernel (fusing both would need the first conv's output on a halo around the tile: recomputed rows or a
-(tile + 2)^2 x Cout buffer, more than the one activation round trip it saves).
+Three ops, each a Triton kernel with a pure-torch reference of the same signature:
+- ``conv_norm_act(x, weight, bias, ln_weight, ln_bias, eps, skip=None, pool=False)``: one ConvNormAct unit (3x3
+  same-padding conv -> LayerNorm over channels at each pixel -> SiLU) on ``[maxpool(x) if pool else x; skip]``;
+- ``pair_conv_norm_act(latents, ...)``: the same unit on every adjacent frame pair of a (B, C, F, H, W) latent;
+- ``interp_head(x, ..., out_weight, out_bias, latents, residual)``: the last unit, the 1x1 output conv, the pair
+  average and the interleaving into the (B, C, 2F - 1, H, W) result.
+This module knows nothing of the model: which op runs which layer, the encoder/decoder walk, the max-pool at the
+bottom, the transposed convs and the skip crops are ``fused_interpolate`` in engine/models/interp_unet.py.
 
-Layout: NCHW, the model's, so the torch ops left between kernels (the ceil-mode max-pool at the bottom, the 2x2
-transposed convs) take the maps as they are; per input channel a tile's pixels are contiguous, as are its stores.
-Inputs are addressed by strides, which removes three copies of the torch path:
+Each unit is one kernel, as an implicit GEMM: a program holds BLOCK_M consecutive pixels of one image x all output
+channels, accumulates ``tl.dot`` over the K = 9 taps x Cin reduction in (tap, channel chunk) steps, and finishes in
+its epilogue with the bias, the per-pixel LayerNorm (a row reduction, because the tile holds every output channel),
+the affine and SiLU: one read of the input (per tap, through the cache), one write of the output. The model's
+ConvBlock is two such units, two launches (fusing both would need the first conv's output on a halo around the tile:
+recomputed rows or a (tile + 2)^2 x Cout buffer, more than the one activation round trip it saves).
+
+Layout: NCHW, the model's, so the torch ops the caller runs between kernels (the ceil-mode max-pool at the bottom,
+the 2x2 transposed convs) take the maps as they are; per input channel a tile's pixels are contiguous, as are its
+stores. Inputs are addressed by strides, which removes three copies of the torch path:
 - ``skip``: a second source whose channels follow the first (the decoder's ``cat([up, skip])``), and the first source
   may be a cropped view (``up[..., :h, :w]``);
 - pairs: the first layer reads channel c of pair n = b (F - 1) + i from latent[b, c, i] (c < C) or latent[b, c - C,
@@ -21,7 +29,8 @@ writes generated frames to the odd positions of the (B, C, 2F - 1, H, W) result 
 no stack/cat, and the last activation never reaches memory.
 
 Layers, top to bottom: pure-torch references (the model's own ops), the `@triton.jit` kernels, launchers, custom ops
-with fake impls (forward only: training runs the torch path), public functions that dispatch (kernels/_dispatch.py).
+with fake impls (forward only: training runs the torch path), public functions that dispatch (kernels/_dispatch.py)
+and check shapes.
 """
 
 from __future__ import annotations
@@ -87,11 +96,6 @@ def interp_head_reference(x, weight, bias, ln_weight, ln_bias, eps, out_weight, 
     out[:, :, 0::2] = latents
     out[:, :, 1::2] = mid.view(bsz, f - 1, c, h, w).transpose(1, 2)  # (B, C, F - 1, H, W)
     return out
-
-
-def interpolate_reference(model, latents: torch.Tensor) -> torch.Tensor:
-    """The model's own torch path: ``InterpUNet.interpolate(latents, fused=False)``."""
-    return model.interpolate(latents, fused=False)
 
 
 # -------------------------------------------------------------------------------------------------------- kernels ---
@@ -405,9 +409,9 @@ def conv_norm_act(x, weight, bias, ln_weight, ln_bias, eps: float, skip=None, po
     return torch.ops.vidistill.conv_norm_act(x, weight, bias, ln_weight, ln_bias, eps, skip, pool)
 
 
-def _check_latents(latents: torch.Tensor, min_frames: int = 2) -> None:
-    if latents.dim() != 5 or latents.shape[2] < min_frames:
-        raise ValueError(f"latents must be (B, C, F, H, W) with F >= {min_frames}, got {tuple(latents.shape)}")
+def _check_latents(latents: torch.Tensor) -> None:
+    if latents.dim() != 5 or latents.shape[2] < 2:
+        raise ValueError(f"latents must be (B, C, F, H, W) with F >= 2, got {tuple(latents.shape)}")
 
 
 def pair_conv_norm_act(latents, weight, bias, ln_weight, ln_bias, eps: float) -> torch.Tensor:
@@ -445,54 +449,3 @@ def interp_head(x, weight, bias, ln_weight, ln_bias, eps, out_weight, out_bias, 
     return torch.ops.vidistill.interp_head(
         x, weight, bias, ln_weight, ln_bias, eps, out_weight, out_bias, latents, residual
     )
-
-
-def _unit(unit, x, skip=None, pool=False) -> torch.Tensor:
-    """One ConvNormAct module (conv, norm) of the model through the fused op."""
-    conv, norm = unit.conv, unit.norm
-    return torch.ops.vidistill.conv_norm_act(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps, skip, pool)
-
-
-def _unet_forward(model, latents: torch.Tensor) -> torch.Tensor:
-    """InterpUNet.interpolate with the fused ops: 13 conv kernels; max-pool (bottom) and transposed convs in torch."""
-    first = model.enc[0][0]
-    x = torch.ops.vidistill.pair_conv_norm_act(
-        latents, first.conv.weight, first.conv.bias, first.norm.weight, first.norm.bias, first.norm.eps
-    )  # (N, c1, H, W), N = B (F - 1)
-    skips = [_unit(model.enc[0][1], x)]
-    for block in model.enc[1:]:
-        x = _unit(block[0], skips[-1], pool=True)  # (N, c, ceil(h / 2), ceil(w / 2)): pooled on load
-        skips.append(_unit(block[1], x))
-    x = F.max_pool2d(skips[-1], kernel_size=2, ceil_mode=True)  # the bottom: read by a transposed conv
-    for level, skip in zip(model.dec, reversed(skips)):
-        h, w = skip.shape[-2:]
-        up = F.conv_transpose2d(x, level.up.weight, level.up.bias, stride=2)[..., :h, :w]  # crop: a view
-        x = _unit(level.block[0], up, skip=skip)  # (N, c, h, w): the concatenation happens on load
-        if level is not model.dec[-1]:
-            x = _unit(level.block[1], x)
-    last, out = model.dec[-1].block[1], model.out
-    return torch.ops.vidistill.interp_head(
-        x, last.conv.weight, last.conv.bias, last.norm.weight, last.norm.bias, last.norm.eps,
-        out.weight, out.bias, latents, model.residual,
-    )  # fmt: skip
-
-
-def fused_interpolate(model, latents: torch.Tensor) -> torch.Tensor:
-    """``model.interpolate(latents)`` (an InterpUNet) with the fused kernels: (B, C, F, H, W) -> (B, C, 2F - 1, H, W).
-
-    Forward only (raises if a gradient would be needed). Triton on CUDA tensors (or when forced by
-    VIDISTILL_KERNELS=triton), the model's torch path otherwise. latents must have the parameters' dtype.
-    """
-    params = list(model.parameters())
-    if not use_triton(latents, *params):
-        return interpolate_reference(model, latents)
-    _check_latents(latents, min_frames=1)
-    if latents.shape[1] != model.in_channels or latents.dtype != params[0].dtype:
-        raise ValueError(
-            f"latents {tuple(latents.shape)} {latents.dtype} do not fit the interpolator "
-            f"({model.in_channels} channels, {params[0].dtype})"
-        )
-    _forward_only(latents, *params)
-    if latents.shape[2] == 1:
-        return latents.clone()
-    return _unet_forward(model, latents)

@@ -27,15 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results import median_time, write_rows  # noqa: E402
 
-from engine.models.interp_unet import InterpUNet  # noqa: E402
+from engine.models.interp_unet import InterpUNet, fused_interpolate  # noqa: E402
 from kernels.adaln import adaln_modulate, adaln_modulate_reference  # noqa: E402
 from kernels.gated_residual import gated_residual, gated_residual_reference  # noqa: E402
-from kernels.interp_unet import (  # noqa: E402
-    conv_norm_act,
-    conv_norm_act_reference,
-    fused_interpolate,
-    interpolate_reference,
-)
+from kernels.interp_unet import conv_norm_act, conv_norm_act_reference  # noqa: E402
 from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference  # noqa: E402
 from kernels.temporal_variance import temporal_loss, temporal_variance_reference  # noqa: E402
 
@@ -126,6 +121,11 @@ def _interp_model() -> InterpUNet:
     return net.to(DEVICE, DTYPE).eval().requires_grad_(False)
 
 
+def _interp_torch(model: InterpUNet, latents: torch.Tensor) -> torch.Tensor:
+    """The model's own torch path (the interpolate case's reference)."""
+    return model.interpolate(latents, fused=False)
+
+
 def _unet_costs(c: int, widths, pairs: int, h: int, w: int, s: int) -> tuple[int, int]:
     """(FLOPs, bytes) of one interpolate call. FLOPs: 3x3 convs, 2x2 transposed convs, the 1x1 conv. Bytes: what the
     fused path moves: every map it materializes written once and read once per consumer (the pair convs read the
@@ -181,7 +181,7 @@ def interp_cases() -> list[Case]:
              "N*Cout*H*W + 9*Cin*Cout + 3*Cout)*s (x read once, y written once, weights)", True, "compute"),
         Case("interpolate", f"latents (1, {c}, {INTERP_FRAMES}, {h}, {w}), widths {INTERP_WIDTHS}",
              lambda: (_interp_model(), _t(1, c, INTERP_FRAMES, h, w, grad=False)), fused_interpolate,
-             interpolate_reference, unet_bytes, 0, unet_flops, 0,
+             _interp_torch, unet_bytes, 0, unet_flops, 0,
              "flops: sum of 2*9*Cin*Cout*N*H*W over the 12 3x3 convs + 2*Cin*Cout*N*(2h)*(2w) over the 3 transposed "
              "convs + 2*c1*C*N*H*W (1x1), N = F - 1 pairs; bytes: each map the fused path materializes written once "
              "and read once per consumer, latent, 2F - 1 output, weights", True, "compute"),

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.interp_unet import fused_interpolate
+from kernels._dispatch import use_triton
+from kernels.interp_unet import conv_norm_act, interp_head, pair_conv_norm_act
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -55,7 +56,8 @@ class ChannelLayerNorm(nn.Module):
 
 
 class ConvNormAct(nn.Module):
-    """3x3 conv -> per-pixel channel LayerNorm -> SiLU: the unit a fused implicit-GEMM kernel would replace."""
+    """3x3 conv -> per-pixel channel LayerNorm -> SiLU: the unit one fused implicit-GEMM kernel computes at inference
+    (``fused_interpolate``)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -140,8 +142,8 @@ class InterpUNet(nn.Module):
     def interpolate(self, latents: torch.Tensor, fused: bool = True) -> torch.Tensor:
         """(B, C, F, H, W) -> (B, C, 2F - 1, H, W): originals at even indices, generated frames between them.
 
-        fused: when no gradient is needed (no_grad, or nothing requires grad), run the fused inference kernels
-        (kernels/interp_unet.py: Triton on CUDA or with VIDISTILL_KERNELS=triton, this torch path otherwise).
+        fused: when no gradient is needed (no_grad, or nothing requires grad), run ``fused_interpolate`` (the fused
+        inference ops: Triton on CUDA or with VIDISTILL_KERNELS=triton, this torch path otherwise).
         """
         check_latents(latents, self.in_channels)
         b, c, f, h, w = latents.shape
@@ -156,6 +158,56 @@ class InterpUNet(nn.Module):
         out[:, :, 0::2] = latents
         out[:, :, 1::2] = mid
         return out
+
+
+def _unit_args(unit: ConvNormAct) -> tuple:
+    """(weight, bias, ln_weight, ln_bias, eps) of a ConvNormAct: what the fused ops take for it."""
+    return unit.conv.weight, unit.conv.bias, unit.norm.weight, unit.norm.bias, unit.norm.eps
+
+
+def fused_interpolate(model: InterpUNet, latents: torch.Tensor) -> torch.Tensor:
+    """``model.interpolate(latents)`` with the fused inference ops: (B, C, F, H, W) -> (B, C, 2F - 1, H, W).
+
+    Forward only (raises if a gradient would be needed). Triton on CUDA tensors (or when forced by
+    VIDISTILL_KERNELS=triton), the model's torch path otherwise. latents must have the parameters' dtype.
+    The 12 ConvNormAct units are 12 launches (kernels/interp_unet.py): the first reads the frame pairs straight from
+    the latent (pair_conv_norm_act), the first unit of encoder levels 2 and 3 max-pools on load and each decoder
+    level's first unit concatenates [cropped upsampled map; skip] on load (conv_norm_act), and the last unit also
+    runs the 1x1 conv, the residual and the interleaving (interp_head). The max-pool at the bottom and the
+    transposed convs run in torch.
+    """
+    params = list(model.parameters())
+    if not use_triton(latents, *params):
+        return model.interpolate(latents, fused=False)
+    if latents.ndim != 5 or latents.shape[2] < 1:
+        raise InterpolatorError(f"latents must be (B, C, F, H, W) with F >= 1, got {tuple(latents.shape)}")
+    if latents.shape[1] != model.in_channels or latents.dtype != params[0].dtype:
+        raise InterpolatorError(
+            f"latents {tuple(latents.shape)} {latents.dtype} do not fit the interpolator "
+            f"({model.in_channels} channels, {params[0].dtype})"
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (latents, *params)):
+        raise InterpolatorError(
+            "the fused interpolation U-Net kernels are forward only: call them under torch.no_grad() (training "
+            "uses the model's torch path)"
+        )
+    if latents.shape[2] == 1:
+        return latents.clone()
+    x = pair_conv_norm_act(latents, *_unit_args(model.enc[0][0]))  # (N, c1, H, W), N = B (F - 1)
+    skips = [conv_norm_act(x, *_unit_args(model.enc[0][1]))]
+    for block in model.enc[1:]:
+        x = conv_norm_act(skips[-1], *_unit_args(block[0]), pool=True)  # (N, c, ceil(h / 2), ceil(w / 2))
+        skips.append(conv_norm_act(x, *_unit_args(block[1])))
+    x = F.max_pool2d(skips[-1], kernel_size=2, ceil_mode=True)  # the bottom: read by a transposed conv
+    for level, skip in zip(model.dec, reversed(skips)):
+        h, w = skip.shape[-2:]
+        up = F.conv_transpose2d(x, level.up.weight, level.up.bias, stride=2)[..., :h, :w]  # crop: a view
+        x = conv_norm_act(up, *_unit_args(level.block[0]), skip=skip)  # (N, c, h, w): concatenated on load
+        if level is not model.dec[-1]:
+            x = conv_norm_act(x, *_unit_args(level.block[1]))
+    return interp_head(
+        x, *_unit_args(model.dec[-1].block[1]), model.out.weight, model.out.bias, latents, model.residual
+    )
 
 
 def frame_pairs(latents: torch.Tensor) -> torch.Tensor:

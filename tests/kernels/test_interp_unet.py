@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels.interp_unet as ki
-from engine.models.interp_unet import ChannelLayerNorm, InterpUNet, frame_pairs
+from engine.models.interp_unet import ChannelLayerNorm, InterpUNet, frame_pairs, fused_interpolate
 from kernels._dispatch import ENV_VAR
 
 pytestmark = pytest.mark.interpreter
@@ -162,9 +162,9 @@ def _check_interpolate(check_close, c, frames, hw, dtype, residual=True, strided
     lat = torch.randn(1, c, 2 * frames - 1 if strided else frames, *hw).to(dtype)
     lat = lat[:, :, ::2] if strided else lat  # the half-rate latents VIF interpolates back to full rate
     with torch.no_grad():
-        ref32 = ki.interpolate_reference(net, lat.float())
-        lowp = ki.interpolate_reference(net.to(dtype), lat) if dtype != torch.float32 else None
-        out = ki.fused_interpolate(net.to(dtype), lat)
+        ref32 = net.interpolate(lat.float(), fused=False)
+        lowp = net.to(dtype).interpolate(lat, fused=False) if dtype != torch.float32 else None
+        out = fused_interpolate(net.to(dtype), lat)
     assert out.dtype == dtype and out.shape == (1, c, 2 * frames - 1, *hw)
     check_close("interpolate", out, ref32, lowp)
     assert torch.equal(out[:, :, 0::2], lat)
@@ -252,4 +252,4 @@ def test_forward_only_and_bad_inputs_are_clear_errors():
         ki.pair_conv_norm_act(torch.randn(1, 4, 1, 3, 5), *params, EPS)
     net = _random_net(4, WIDTHS, torch.float32)
     with pytest.raises(ValueError, match="do not fit"), torch.no_grad():
-        ki.fused_interpolate(net, torch.randn(1, 4, 3, 3, 5, dtype=torch.float64))
+        fused_interpolate(net, torch.randn(1, 4, 3, 3, 5, dtype=torch.float64))
