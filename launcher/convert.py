@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import console
 from engine.models.checkpoint import CheckpointError, checkpoint_keys, convert_checkpoint, detect_layout
 
 
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         "--from", dest="src_layout", choices=["official", "diffusers"], help="source layout (default: detect)"
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    console.add_verbose_flag(p)
     args = p.parse_args(argv)
+    console.install(verbose=args.verbose)
     try:
         src_layout = args.src_layout or detect_layout(checkpoint_keys(args.src))
         to = args.to or ("diffusers" if src_layout == "official" else "official")

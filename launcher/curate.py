@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
+
+from engine import console
 
 
 def _parse_override(cfg, item: str):
@@ -34,9 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", required=True, help="per-video report (JSONL); resumes from it")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
     parser.add_argument("--no-progress", action="store_true")
+    console.add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="CurationConfig fields, e.g. flow_min=0.3")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.install(verbose=args.verbose)
+    console.setup_logging()
 
     from engine.data.curation import CurationConfig, curate
 

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine import console
 from engine.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--nproc", type=int, default=2, help="CPU ranks of the distillation job")
     p.add_argument("--eval-clips", type=int, default=100, help="held-out prompts scored")
+    console.add_verbose_flag(p)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    console.install(verbose=args.verbose)  # --verbose is exported to the distillation ranks (VIDISTILL_VERBOSE)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

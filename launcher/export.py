@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from engine import console
 from engine.deploy import export_deploy
 from engine.models.checkpoint import CheckpointError
 from engine.models.interp_unet import InterpolatorError
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="run config of a trainer checkpoint (default: <run>/config.yaml)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of a trainer-checkpoint export")
     p.add_argument("--out", required=True, help="deployment directory")
+    console.add_verbose_flag(p)
     args = p.parse_args(argv)
+    console.install(verbose=args.verbose)
     if not (args.checkpoint or args.interpolator):
         p.error("nothing to export: give --checkpoint and/or --interpolator")
     try:

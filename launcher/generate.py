@@ -18,9 +18,9 @@ run config (after a list option such as --seeds, separate them with --: `--seeds
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from engine import console
 from engine.config import ConfigError, load_config
 from engine.generate import SAMPLERS, GenerateError, GenerateSettings, generate
 from engine.models.checkpoint import CheckpointError
@@ -49,13 +49,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    console.add_verbose_flag(p)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. diffusion.shift=3.0")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    console.install(verbose=args.verbose)
+    console.setup_logging()
     settings = GenerateSettings(
         out_dir=args.out,
         student=args.student,

@@ -11,8 +11,9 @@ a re-run with --kinds text.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+
+from engine import console
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,9 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="prompts or clips encoded at once")
     parser.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> when CUDA is present, else cpu")
     parser.add_argument("--no-progress", action="store_true")
+    console.add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.cache_dir=cache/")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.install(verbose=args.verbose)
+    console.setup_logging()
 
     import torch
 

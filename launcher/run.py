@@ -10,9 +10,9 @@ Re-running the same command resumes from <logging.run_dir>/checkpoints/latest.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from engine import console
 from engine.config import ConfigError, load_config
 
 
@@ -20,13 +20,15 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML recipe (configs/)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # from deepspeed
+    console.add_verbose_flag(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 train.max_steps=100")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
+    console.setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         from engine.distill.job import run_distillation

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 
+from engine import console
 from engine.config import ToyWorldConfig
 
 
@@ -35,12 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true", help="verify: also decode every file")
     p.add_argument("--out", help="fit-codec: output file (default: the shipped asset)")
     p.add_argument("--z-dim", dest="z_dim", type=int, default=16, help="fit-codec: latent channels")
+    console.add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    console.install(verbose=args.verbose)
+    console.setup_logging()
     cfg = _config(args)
     if args.command == "generate":
         from engine.toy.world import sync_dataset

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import console
 from engine.config import ConfigError, load_config
 from engine.interp.train import run
 from engine.models.interp_unet import InterpolatorError
@@ -39,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--toy", action="store_true", help="the toy world's latents (train split; val split scored)")
     p.add_argument("--export", help="where the trained interpolator goes (default <run_dir>/interpolator)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    console.add_verbose_flag(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. interp.steps=100")
     args = p.parse_args(argv)
+    console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
     try:
         cfg = load_config(args.config, args.overrides)
         result = run(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine import console
 from engine.config import ConfigError, load_config
 from engine.toy.recipes import evaluate_teacher, train_teacher
 
@@ -20,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--eval", type=int, default=0, metavar="N", help="only score the exported teacher on N val prompts")
+    console.add_verbose_flag(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. toy_teacher.steps=2000")
     args = p.parse_args(argv)
+    console.install(verbose=args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -33,10 +33,11 @@ from typing import Any, Optional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
+from engine import console
 from engine.data.manifest import ManifestEntry
 from engine.data.skips import AllSamplesBadError, BadSample
+from engine.fsutil import atomic_write, atomic_write_text
 
 KINDS = ("text", "latents")
 
@@ -75,14 +76,15 @@ def _todo(cache_dir, kind, entries, shard_size, rank, world_size, fingerprint) -
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={k: json.dumps(v, ensure_ascii=False) for k, v in meta.items()},
+    # a unique temporary name per writer, renamed when complete, with the umask's mode (safetensors writes 0600)
+    atomic_write(
+        path,
+        lambda tmp: save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={k: json.dumps(v, ensure_ascii=False) for k, v in meta.items()},
+        ),
     )
-    tmp.replace(path)
 
 
 def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
@@ -105,7 +107,7 @@ def precompute_text(
 ) -> list[int]:
     """Write this rank's missing text shards; returns the shard numbers written."""
     todo = _todo(cache_dir, "text", entries, shard_size, rank, world_size, fingerprint)
-    bar = tqdm(
+    bar = console.progress(
         total=sum(len(entries[k * shard_size : (k + 1) * shard_size]) for k in todo),
         disable=not progress,
         desc=f"text cache r{rank}",
@@ -178,7 +180,7 @@ def precompute_latents(
     entries = reader.entries
     todo = _todo(cache_dir, "latents", entries, shard_size, rank, world_size, fingerprint)
     total = sum(len(entries[k * shard_size : (k + 1) * shard_size]) for k in todo)
-    bar = tqdm(total=total, disable=not progress, desc=f"latent cache r{rank}", unit="clip", position=rank)
+    bar = console.progress(total=total, disable=not progress, desc=f"latent cache r{rank}", unit="clip", position=rank)
     for k in todo:
         rows = entries[k * shard_size : (k + 1) * shard_size]
         latents, kept, skipped = _encode_shard(rows, reader, codec, batch_size, bar)
@@ -218,9 +220,7 @@ def write_index(cache_dir: str | os.PathLike, kind: str, num_entries: int, shard
         "shards": shards,
     }
     out = Path(cache_dir) / kind / "index.json"
-    tmp = out.with_suffix(f".json.tmp{os.getpid()}")  # every rank may write it: each its own temp file
-    tmp.write_text(json.dumps(index, ensure_ascii=False))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(index, ensure_ascii=False))  # every rank may write it: each its own temp file
     return index
 
 

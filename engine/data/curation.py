@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tqdm.auto import tqdm
-
+from engine import console
 from engine.data.curation_stats import analyze_video
 from engine.data.manifest import load_manifest, write_manifest
 
@@ -129,7 +128,7 @@ def _analyze_all(todo: list[str], cfg: CurationConfig, report: Path, progress: b
         open(report, "a", encoding="utf-8", errors="surrogateescape") as fh,
     ):
         results = pool.imap_unordered(_analyze, [(p, cfg) for p in todo], chunksize=1)
-        for row in tqdm(results, total=len(todo), disable=not progress, desc="curate", unit="video"):
+        for row in console.progress(results, total=len(todo), disable=not progress, desc="curate", unit="video"):
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()  # one line per finished video: what resume reads back
             yield row

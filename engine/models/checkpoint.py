@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig, validate_model
+from engine.fsutil import atomic_write_text, fix_mode
 
 Layout = Literal["official", "diffusers"]
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -328,6 +329,7 @@ def write_safetensors(
     for k, shard in enumerate(_shard(named, max_shard_bytes)):
         tmp = out_dir / f".shard-{k:05d}.tmp"
         save_file(shard, str(tmp), metadata={"format": "pt"})
+        fix_mode(tmp)  # safetensors writes 0600 whatever the umask
         tmp_files.append((tmp, list(shard)))
         total += sum(t.numel() * t.element_size() for t in shard.values())
     n = len(tmp_files)
@@ -339,8 +341,8 @@ def write_safetensors(
             tmp.replace(out_dir / name)
             weight_map.update({key: name for key in keys})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=2))
+    atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2))
     return out_dir
 
 

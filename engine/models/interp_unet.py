@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.fsutil import fix_mode
 from kernels._dispatch import use_triton
 from kernels.interp_unet import conv_norm_act, interp_head, pair_conv_norm_act
 
@@ -263,6 +264,7 @@ def save_interpolator(model: InterpUNet, out_dir: str | Path) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp_w, tmp_c = out_dir / f".{WEIGHTS_NAME}.tmp", out_dir / f".{CONFIG_NAME}.tmp"
     save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+    fix_mode(tmp_w)  # safetensors writes 0600 whatever the umask
     tmp_c.write_text(json.dumps(model.config(), indent=2))
     tmp_w.replace(out_dir / WEIGHTS_NAME)
     tmp_c.replace(out_dir / CONFIG_NAME)

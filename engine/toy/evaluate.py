@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from engine.config import ToyWorldConfig
+from engine.fsutil import atomic_write_text
 from engine.toy.codec import ToyCodec
 from engine.toy.metrics import Reference, calibrate, compute_metrics, format_table
 from engine.toy.videos import to_tensor
@@ -37,9 +37,8 @@ def reference_for(cfg: ToyWorldConfig) -> Reference:
             return Reference.from_dict(cached["reference"])
     videos, params, _ = load_clips(manifest, split="train")
     ref = calibrate(videos, params)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"version": REFERENCE_VERSION, "reference": ref.to_dict()}))
-    os.replace(tmp, path)
+    # every rank may calibrate at once: each writes its own temporary file
+    atomic_write_text(path, json.dumps({"version": REFERENCE_VERSION, "reference": ref.to_dict()}))
     return ref
 
 

@@ -18,7 +18,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from engine import console
 from engine.config import ToyWorldConfig
+from engine.fsutil import atomic_path, atomic_write_text
 from engine.toy.captions import ClipParams, caption
 from engine.toy.render import render_clip, sample_params
 from engine.toy.videos import frames_hash, read_video, sha256_bytes, sha256_file, write_vp9
@@ -97,7 +97,7 @@ def sync_dataset(cfg: ToyWorldConfig, progress: bool = True) -> DatasetStatus:
             todo = {i: r for i, e in enumerate(entries) if (r := _clip_problem(root, e)) is not None}
             for i, r in todo.items():
                 log.warning("toy dataset %s: clip %d %s; regenerating it", root, i, r)
-        for i in tqdm(sorted(todo), desc="toy clips", disable=not progress or len(todo) < 50):
+        for i in console.progress(sorted(todo), desc="toy clips", unit="clip", disable=not progress or len(todo) < 50):
             entries[i] = _make_clip(cfg, root, i, status)
             status.reasons[todo[i]] += 1
         status.generated = len(todo)
@@ -120,10 +120,9 @@ def _make_clip(cfg: ToyWorldConfig, root: Path, index: int, status: DatasetStatu
     rel = f"clips/{index:06d}.webm"
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write_vp9(tmp, frames, cfg.fps, cfg.pix_fmt)
-    decoded = read_video(tmp)  # proves the file decodes; its hash lets `verify --deep` catch decoder drift
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_vp9(tmp, frames, cfg.fps, cfg.pix_fmt)
+        decoded = read_video(tmp)  # proves the file decodes; its hash lets `verify --deep` catch decoder drift
     status.render_seconds += t1 - t0
     status.encode_seconds += time.perf_counter() - t1
     data = path.read_bytes()
@@ -166,12 +165,9 @@ def _meta(cfg: ToyWorldConfig) -> dict[str, Any]:
 def _write_manifest(root: Path, cfg: ToyWorldConfig, entries: list[dict[str, Any]]) -> None:
     """Manifest then meta, each written to a temp file and renamed: a crash leaves no half-valid pair."""
     (root / "meta.json").unlink(missing_ok=True)
-    tmp = root / "manifest.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-    os.replace(tmp, root / "manifest.jsonl")
-    tmp = root / "meta.json.tmp"
-    tmp.write_text(json.dumps({**_meta(cfg), "num_clips": len(entries)}, sort_keys=True, indent=1))
-    os.replace(tmp, root / "meta.json")
+    atomic_write_text(root / "manifest.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+    meta = {**_meta(cfg), "num_clips": len(entries)}
+    atomic_write_text(root / "meta.json", json.dumps(meta, sort_keys=True, indent=1))
 
 
 def _load_manifest_checked(root: Path, cfg: ToyWorldConfig) -> tuple[list[dict] | None, str]:

@@ -1,5 +1,5 @@
 """The toy world's evaluation samplers follow the engine's one per-video noise convention: video i of seed s is the
-video ``launcher/generate.py`` writes for the same prompt with ``--seeds video_seed(s, i)``, whatever chunk it lands in."""
+video ``launcher/generate.py`` writes for the same prompt with ``--seeds video_seed(s, i)``, in any chunk."""
 
 import torch
 
