@@ -29,9 +29,9 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
 
 from engine.config import ConfigError, ModelConfig, RunConfig, replace, resolve_dtype
+from engine.console import progress
 from engine.data.mp4 import to_frames, write_mp4, write_sidecar
 from engine.deploy import check_state, deploy_root, is_trainer_checkpoint, trainer_model_config, zero_state
 from engine.diffusion.flow import FlowSchedule
@@ -448,7 +448,7 @@ def generate(cfg: RunConfig, settings: GenerateSettings) -> list[dict]:
     size = settings.batch_size
     batches = [plan.jobs[i : i + size] for i in range(0, len(plan.jobs), size)]
     infos = []
-    for batch in tqdm(batches, desc="generate", unit="batch", disable=not settings.progress):
+    for batch in progress(batches, desc="generate", unit="batch", disable=not settings.progress):
         infos.extend(generator.run(batch))
     log.info("wrote %d videos to %s", len(infos), settings.out_dir)
     return infos

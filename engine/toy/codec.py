@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.config import ToyWorldConfig
+from engine.fsutil import atomic_write
 from engine.toy.videos import psnr, to_tensor
 from engine.toy.world import dataset_dir, ensure_dataset, load_clips
 
@@ -72,7 +73,8 @@ class ToyCodec(torch.nn.Module):
 
     def save(self, path: str | Path, note: str = "") -> None:
         tensors = {"mean": self.mean, "basis": self.basis, "scale": self.scale}
-        save_file(tensors, str(path), metadata={"spatial_stride": str(self.spatial_stride), "note": note})
+        meta = {"spatial_stride": str(self.spatial_stride), "note": note}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # mode from the umask
 
     @staticmethod
     def load(path: str | Path = ASSET) -> ToyCodec:

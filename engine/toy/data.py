@@ -5,7 +5,6 @@ manifest as safetensors, keyed by the codec and encoder settings."""
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.config import ToyWorldConfig
+from engine.fsutil import atomic_write
 from engine.toy.captions import ClipParams
 from engine.toy.codec import ToyCodec
 from engine.toy.text import ToyTextEncoder
@@ -55,7 +55,6 @@ def toy_tensors(cfg: ToyWorldConfig, codec: ToyCodec, text: ToyTextEncoder, spli
     with torch.no_grad():
         latents = torch.cat([codec.encode(to_tensor(videos[i : i + 64])) for i in range(0, len(videos), 64)])
     context, _ = text.encode(captions)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # several ranks may build it at once: each its own temp file
-    save_file({"latents": latents.contiguous(), "context": context.contiguous()}, str(tmp))
-    tmp.replace(cache)
+    tensors = {"latents": latents.contiguous(), "context": context.contiguous()}
+    atomic_write(cache, lambda tmp: save_file(tensors, str(tmp)))  # unique temp names: several ranks may build it
     return ToyTensors(latents, context, captions, params)

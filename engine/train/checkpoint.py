@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError
+from engine.fsutil import atomic_write_text
 from engine.train import dist
 
 COMPLETE = "COMPLETE"
@@ -38,12 +39,7 @@ def _fault(point: str, step: int) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_write_text(path, text, fsync=True)
 
 
 def save(root: Path, step: int, engines: dict, shared_state: dict, rank_state: dict, keep_last: int) -> Path:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.fsutil import fix_mode
+
 
 class TorchEngine:
     """``backward(loss)`` zeroes the gradients and back-propagates; ``step()`` clips (``max_grad_norm``) and steps."""
@@ -41,6 +43,7 @@ class TorchEngine:
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.module.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
+        fix_mode(out / "model.safetensors")  # safetensors writes 0600 whatever the umask
         torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
 
     def load_checkpoint(self, root: str, tag: str):

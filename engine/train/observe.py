@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from engine.config import RunConfig
+from engine.console import progress
 from engine.train import dist
 
 log = logging.getLogger("vidistill.train")
@@ -46,7 +46,7 @@ class Observer:
             # purge_step: drop the events a crashed run logged after the checkpoint it resumes from
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
         if self.s.progress_bar:
-            self.bar = tqdm(total=total, initial=step, desc=self.method.name, unit="step", dynamic_ncols=True)
+            self.bar = progress(total=total, initial=step, desc=self.method.name, unit="step", dynamic_ncols=True)
         self.log_text(f"training steps {step} -> {total} on {dist.world_size()} rank(s)")
 
     def log_text(self, msg: str) -> None:
