@@ -42,7 +42,7 @@ GENERATOR_VERSION = 1
 
 @dataclass
 class ToyWorldConfig:
-    """The procedural toy world (DESIGN.md section 7). Defaults: 32x32 pixels, 9 frames at 8 fps, so the toy codec's
+    """The procedural toy world (docs/toy-world.md#clips). Defaults: 32x32 pixels, 9 frames at 8 fps, so the toy codec's
     8x8x9 latents are 144 DiT tokens after the (1, 2, 2) patch."""
 
     cache_dir: str = "cache/toy"

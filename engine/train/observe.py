@@ -1,7 +1,7 @@
 """Rank-0 observability: progress bar with ETA, TensorBoard scalars, a plain-text log, throughput and MFU.
 
 Scalars per log step: every loss, adaptive weights per student timestep and the EMA cache, temporal variance, grad
-norms, per-phase wall time, samples/s, tokens/s and estimated MFU (model FLOPs from WAN_SPEC.md section 8 over the
+norms, per-phase wall time, samples/s, tokens/s and estimated MFU (model FLOPs from docs/wan.md#flops over the
 peak of every device), skipped updates.
 """
 
@@ -20,7 +20,7 @@ from engine.train import dist
 log = logging.getLogger("vidistill.train")
 
 H100_BF16_TFLOPS = 989.0
-CPU_FP32_TFLOPS = 0.077  # DESIGN.md section 7: a plain fp32 matmul peaks near 77 GFLOP/s on these 2 cores
+CPU_FP32_TFLOPS = 0.077  # docs/architecture.md#cpu-speed: a plain fp32 matmul peaks near 77 GFLOP/s on these 2 cores
 
 
 def peak_tflops(cfg: RunConfig) -> float:
