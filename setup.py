@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
     "torch>=2.4",
-    "triton==3.7.1",  # the Triton that torch 2.13 is built against (DESIGN.md section 5)
+    "triton==3.7.1",  # the Triton that torch 2.13 is built against (docs/architecture.md#versions)
     "deepspeed==0.19.8",  # build with DS_BUILD_OPS=0: no CUDA ops are compiled at install time
     "diffusers==0.42.1",  # AutoencoderKLWan (VAE) and the WanTransformer3DModel parity reference
     # <5.25: transformers 5.25 requires the `kernels` distribution, whose top-level name is our `kernels` package

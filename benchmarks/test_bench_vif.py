@@ -4,8 +4,8 @@
     python benchmarks/test_bench_vif.py --config small   # a quick look
     pytest benchmarks/test_bench_vif.py --benchmark-only # the small config under pytest-benchmark
 
-The "attn" config is chosen so attention is ~70% of the FLOPs, as in Wan2.1-1.3B at 832x480x81 (71%, WAN_SPEC.md
-section 8): dim 256, 2 layers, 21 latent frames of 16x48 with patch (1, 2, 2) = 4032 tokens (11 frames: 2112).
+The "attn" config is chosen so attention is ~70% of the FLOPs, as in Wan2.1-1.3B at 832x480x81 (71%,
+docs/wan.md#flops): dim 256, 2 layers, 21 latent frames of 16x48 with patch (1, 2, 2) = 4032 tokens (11 frames: 2112).
 Printed next to the measured speed-up is the FLOP model's: a half-rate step costs a (11/21)^2 + (1 - a) 11/21 of a
 full one. The interpolator's share of the VIF time is measured on the same latent (default widths 64/128/256).
 """
@@ -40,7 +40,7 @@ CONFIGS = {
 
 
 def flops(cfg: ModelConfig, tokens: int, text_len: int = TEXT_LEN) -> dict[str, float]:
-    """Forward FLOPs by WAN_SPEC.md section 8 (2 x MAC; norms, softmax and element-wise ops excluded)."""
+    """Forward FLOPs by docs/wan.md#flops (2 x MAC; norms, softmax and element-wise ops excluded)."""
     n, d, L, patch = tokens, cfg.dim, text_len, cfg.in_dim * 4
     linear = cfg.num_layers * (8 * n * d * d + 4 * n * d * d + 4 * L * d * d + 4 * n * d * cfg.ffn_dim)
     attention = cfg.num_layers * (4 * n * n * d + 4 * n * L * d)

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Wan2.1 DiT architecture (WAN_SPEC.md section 1.1) and how it runs."""
+    """Wan2.1 DiT architecture (docs/wan.md#sizes) and how it runs."""
 
     preset: Optional[str] = None
     """Architecture preset applied under the YAML values: wan2.1-1.3b, wan2.1-14b, toy, tiny (see MODEL_PRESETS)."""
@@ -109,7 +109,7 @@ class VAEConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Flow matching (WAN_SPEC.md section 5) and the student schedule (DESIGN.md section 4)."""
+    """Flow matching (docs/wan.md#flow-matching) and the student schedule (docs/method.md#student-schedule)."""
 
     num_train_timesteps: int = 1000
     """Model timestep input is t = num_train_timesteps * sigma."""
@@ -339,7 +339,7 @@ TOY_PIX_FMTS = ("yuv444p", "yuv420p")
 
 @dataclass
 class ToyWorldConfig:
-    """The procedural toy world (DESIGN.md section 7). Defaults: 32x32 pixels, 9 frames at 8 fps, so the toy codec's
+    """The procedural toy world (docs/toy-world.md#clips). Defaults: 32x32 pixels, 9 frames at 8 fps, so the toy codec's
     8x8x9 latents are 144 DiT tokens after the (1, 2, 2) patch."""
 
     cache_dir: str = "cache/toy"
@@ -464,10 +464,10 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # WAN_SPEC.md section 1.1
+    # docs/wan.md#sizes
     "wan2.1-1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096),
     "wan2.1-14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096),
-    # The toy world's teacher (DESIGN.md section 7): 1.25 M parameters.
+    # The toy world's teacher (docs/toy-world.md#teacher): 1.25 M parameters.
     "toy": dict(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=32),
     # Smallest useful model for unit tests.
     "tiny": dict(dim=24, ffn_dim=32, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16, rope_max_seq_len=32),

@@ -1,4 +1,4 @@
-"""Triton kernels, each with a pure-torch reference of the same signature (STYLE.md: four layers in one file).
+"""Triton kernels, each beside a pure-torch reference of the same signature (docs/architecture.md#triton: four layers).
 
     adaln.adaln_modulate(x, shift, scale, eps)                          LayerNorm (no affine) * (1 + scale) + shift
     gated_residual.gated_residual(x, y, gate)                           x + y * gate

@@ -8,7 +8,7 @@ Every op in `kernels/` has a pure-torch reference and a Triton path. `use_triton
 - ``VIDISTILL_KERNELS=reference``: always the pure-torch reference (debugging, numerical bisection).
 
 Launch configuration: block sizes follow from the shapes (fixed, no search). On a GPU the number of warps is
-autotuned per shape; under the interpreter `@triton.autotune` fails (it needs a driver, DESIGN.md section 5), so a
+autotuned per shape; in the interpreter `@triton.autotune` fails (it needs a driver: docs/architecture.md#triton), so a
 fixed `num_warps` is used there.
 """
 

@@ -23,7 +23,7 @@ from kernels._rounding import store_rounded
 def adaln_modulate_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm(x) * (1 + scale) + shift, computed in fp32, returned in x.dtype.
 
-    x: (B, N, D) any float dtype. shift, scale: (B, 1, D), fp32 (the modulation stays fp32, WAN_SPEC.md 1.2).
+    x: (B, N, D) any float dtype. shift, scale: (B, 1, D), fp32 (the modulation stays fp32, docs/wan.md#forward-pass).
     """
     xf = x.float()
     out = F.layer_norm(xf, (xf.shape[-1],), eps=eps) * (1 + scale) + shift

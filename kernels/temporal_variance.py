@@ -1,4 +1,4 @@
-"""Temporal variance and the truncated temporal regularization loss (DESIGN.md section 4, Eq. 8).
+"""Temporal variance and the truncated temporal regularization loss (docs/method.md#temporal-regularization, Eq. 8).
 
     v    = mean over (B, C, H, W) of Var_F(x)          population variance over the frame axis of (B, C, F, H, W)
     loss = -log((v + eps) ^ power)   if that is >= tau, else 0 (value and gradient)

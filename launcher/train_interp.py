@@ -8,7 +8,7 @@
 
 Latents: a precompute cache dir (latents/index.json), a directory of *.safetensors holding `latents`, `--online`
 (decode data.manifest and encode with the configured VAE), or `--synthetic FxHxW` moving patterns (smoke tests).
-Trailing key=value arguments override the config. On CPU set OMP_NUM_THREADS=1 per process (DESIGN.md section 5).
+Trailing key=value args override the config. On CPU set OMP_NUM_THREADS=1 per process (docs/architecture.md#deepspeed).
 """
 
 from __future__ import annotations

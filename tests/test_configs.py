@@ -1,4 +1,4 @@
-"""Every recipe in configs/ loads and validates; the 24-GPU recipes carry the paper's numbers (DESIGN.md section 4)
+"""Each recipe in configs/ loads and validates; the 24-GPU ones hold the paper's values (docs/method.md#hyperparameters)
 and their placeholder paths stop a launch with an error naming the key."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_24_gpu_recipe_has_the_paper_hyperparameters(name):
     assert (t.enabled, t.weight, t.power, t.eps, t.tau) == (True, 0.05, 1.0, 1e-6, 0.6)
     assert (cfg.data.num_frames, cfg.data.fps, cfg.data.width, cfg.data.height) == (81, 16.0, 832, 480)
     assert cfg.data.source == "cache" and cfg.model.gradient_checkpointing
-    assert world_latent_shape(cfg) == (16, 21, 60, 104)  # DESIGN.md section 4
+    assert world_latent_shape(cfg) == (16, 21, 60, 104)  # docs/method.md#flow-matching
     ds = deepspeed_config(cfg, 24, cuda=True)
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and ds["train_batch_size"] == 24
     assert ds["gradient_clipping"] == 10.0

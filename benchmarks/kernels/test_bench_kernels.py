@@ -36,7 +36,7 @@ from kernels.temporal_variance import temporal_loss, temporal_variance_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32  # bf16 brings nothing on these AVX2 CPUs (DESIGN.md section 7)
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # bf16 gains nothing on AVX2 CPUs (docs/architecture.md#cpu-speed)
 # Wan2.1 1.3B at 832x480x81: 32,760 tokens of dim 1536 (12 heads of 128); latents (1, 16, 21, 60, 104).
 # On CPU the token count is cut 8x so that the suite runs in seconds; the latent is the real one.
 TOKENS = 32760 if CUDA else 4095

@@ -1,4 +1,4 @@
-"""Data curation (paper appendix 6, DESIGN.md section 4): filter raw videos, rank the survivors, write a manifest.
+"""Data curation (paper appendix 6, docs/method.md#data-curation): filter raw videos, rank survivors, write a manifest.
 
 Stages, in order (a video stops at the first it fails; the report keeps every statistic computed up to there):
 

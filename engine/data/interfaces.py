@@ -14,7 +14,7 @@ class TextEncoder(Protocol):
     """Prompts -> fixed-length embeddings.
 
     ``encode`` returns ``(emb, lengths)``: ``emb`` is ``(B, max_length, dim)`` float, rows past each prompt's true
-    length are exactly zero (trim to the true length, then zero-pad: WAN_SPEC.md section 4); ``lengths`` is ``(B,)``
+    length are exactly zero (trim to the true length, then zero-pad: docs/wan.md#umt5); ``lengths`` is ``(B,)``
     int64. Deterministic for a given prompt.
     """
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.data.skips import BadSample
 
-# Codecs each decoder handles (DESIGN.md section 5, checked on this machine: DALI 2.4 CPU refuses h264).
+# Codecs each decoder handles (docs/architecture.md#decoders, checked on this machine: DALI 2.4 CPU refuses h264).
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_CODECS = DALI_CPU_CODECS | {"h264", "hevc", "av1", "mpeg4"}
 # FFmpeg colour-space codes that mean BT.601 YUV (unspecified: decoders assume BT.601 at these sizes).

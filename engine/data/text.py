@@ -1,4 +1,4 @@
-"""The umT5 text encoder as a :class:`~engine.data.interfaces.TextEncoder` (WAN_SPEC.md section 4).
+"""The umT5 text encoder as a :class:`~engine.data.interfaces.TextEncoder` (docs/wan.md#umt5).
 
 ``encode(prompts)``: clean (ftfy, HTML unescape twice, whitespace collapse), tokenize to ``max_length`` with
 truncation and EOS, run transformers' ``UMT5EncoderModel``, then zero every row past the prompt's true length (the

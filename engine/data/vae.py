@@ -1,14 +1,14 @@
 """The Wan2.1 VAE as a :class:`~engine.data.interfaces.VideoCodec`: diffusers' ``AutoencoderKLWan`` plus normalization.
 
 ``encode``: pixels ``(B, 3, T, H, W)`` in [-1, 1] -> the posterior mean (the official ``WanVAE.encode`` returns the
-mean, not a sample), normalized per channel ``(z - mean) / std`` with the 16 values of WAN_SPEC.md section 3, so the
+mean, not a sample), normalized per channel ``(z - mean) / std`` with the 16 values of docs/wan.md#vae, so the
 DiT sees ~unit variance. ``decode`` inverts the normalization and clamps to [-1, 1]. Memory: diffusers already runs
 time in chunks with a causal feature cache (encode: 1 then 4 frames, decode: one latent frame at a time), so the
 clip length does not multiply activations; spatial tiling (``enable_tiling``) bounds them at 832x480, and slicing
 runs the batch one video at a time.
 
 Weights load from a local diffusers directory (``config.json`` + safetensors, or a pipeline root with ``vae/``) or
-from the official ``Wan2.1_VAE.pth``, whose keys are renamed here (WAN_SPEC.md section 2, "VAE rename").
+from the official ``Wan2.1_VAE.pth``, whose keys are renamed here (docs/wan.md#vae-key-names).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from diffusers import AutoencoderKLWan
 
-# WAN_SPEC.md section 3 (identical in the official WanVAE and in AutoencoderKLWan's defaults).
+# docs/wan.md#vae (identical in the official WanVAE and in AutoencoderKLWan's defaults).
 WAN_LATENT_MEAN = (
     -0.7571,
     -0.7089,

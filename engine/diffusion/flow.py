@@ -1,4 +1,4 @@
-"""Flow matching as Wan2.1 uses it (WAN_SPEC.md section 5, DESIGN.md section 4).
+"""Flow matching as Wan2.1 uses it (docs/wan.md#flow-matching, docs/method.md#flow-matching).
 
     x_t = (1 - s) x0 + s e,   v = e - x0,   x0 = x_t - s v,   model timestep t = T s  (T = 1000)
 
@@ -70,7 +70,7 @@ class FlowSchedule:
         hi: float = 1.0,
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """(B,) training sigmas: u ~ U[0, 1], shifted, clamped to [lo, hi] (the DMD/critic draw of DESIGN.md 4)."""
+        """(B,) sigmas of the DMD/critic draw: u ~ U[0, 1], shifted, clamped to [lo, hi] (docs/method.md#dmd-loss)."""
         u = torch.rand(batch, generator=generator, device=generator.device).to(device)
         return self.shift_sigma(u).clamp(lo, hi)
 

@@ -49,7 +49,7 @@ def fresh_noise(
 
 
 def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, form: str = "standard") -> torch.Tensor:
-    """standard: u + w (c - u); dmd2: c + w (c - u), which is the standard form with w + 1 (DESIGN.md section 4)."""
+    """standard: u + w (c - u); dmd2: c + w (c - u), which is the standard form with w + 1 (docs/method.md#guidance)."""
     if form == "standard":
         return uncond + scale * (cond - uncond)
     if form == "dmd2":

@@ -1,4 +1,4 @@
-"""Frame-interpolation inference (VIF, paper Sec. 3.4; DESIGN.md section 4).
+"""Frame-interpolation inference (VIF, paper Sec. 3.4; docs/method.md#vif-inference).
 
 The first k student steps run on the half-frame-rate latent ``noise[:, :, ::2]`` at its true length ((F + 1) / 2
 frames, e.g. 11 of 21; no padding back to F, which is what the saving comes from: attention cost ~ tokens^2). The

@@ -64,7 +64,7 @@ def _zero3(ds_cfg: dict) -> bool:
 
 
 def _construct(model_cfg: ModelConfig, ds_cfg: dict, dtype: torch.dtype) -> WanModel:
-    # dtype comes from the DeepSpeed config, never zero.Init(dtype=...) (DESIGN.md 5: fp32 requests become bf16 on CPU)
+    # dtype from the DeepSpeed config, not zero.Init(dtype=...): fp32 turns bf16 on CPU (docs/architecture.md#deepspeed)
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=_zero3(ds_cfg)):
         model = WanModel(model_cfg)
     if not _zero3(ds_cfg):

@@ -1,4 +1,4 @@
-"""Training loop of the frame-interpolation U-Net (paper appendix 8; DESIGN.md section 4).
+"""Training loop of the frame-interpolation U-Net (paper appendix 8; docs/method.md#interpolator-training).
 
 Per step: take real latents (B, C, F, H, W) with F odd, keep every other frame, predict every dropped frame from its
 two kept neighbours (all pairs of the batch in one call), regress on the true frames. AdamW (betas 0.9, 0.999), batch

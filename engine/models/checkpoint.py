@@ -1,7 +1,7 @@
 """Checkpoint I/O for the Wan2.1 DiT: official Wan2.1 and diffusers layouts, single or sharded safetensors.
 
 Our parameter names are the official keys, so the official layout loads directly and the diffusers layout goes
-through one bidirectional rename table (WAN_SPEC.md section 2). Reading is tensor by tensor (``safe_open``): a 14B
+through one bidirectional rename table (docs/wan.md#dit-key-names). Reading is tensor by tensor (``safe_open``): a 14B
 checkpoint never needs twice its size in RAM. Missing or unexpected keys are an error that lists them.
 """
 

@@ -1,4 +1,4 @@
-"""Model FLOPs of one Wan DiT forward (WAN_SPEC.md section 8): 2 FLOPs per multiply-add; element-wise ops,
+"""Model FLOPs of one Wan DiT forward (docs/wan.md#flops): 2 FLOPs per multiply-add; element-wise ops,
 softmax and norms excluded. Used for tokens/s -> MFU in the trainer and for benchmark formulas."""
 
 from __future__ import annotations

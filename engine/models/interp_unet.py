@@ -1,4 +1,4 @@
-"""Latent frame-interpolation U-Net (paper Sec. 3.4 and appendix 8; DESIGN.md section 4).
+"""Latent frame-interpolation U-Net (paper Sec. 3.4 and appendix 8; docs/method.md#interpolator).
 
 Input: two adjacent latent frames concatenated on channels, (N, 2C, H, W). Output: the C-channel middle frame.
 Three encoder ConvBlocks, each followed by a 2x2 max-pool; per decoder level a 2x2 stride-2 transposed conv, a skip

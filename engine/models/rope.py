@@ -1,4 +1,4 @@
-"""3D rotary position embedding of Wan2.1 (WAN_SPEC.md section 1.2).
+"""3D rotary position embedding of Wan2.1 (docs/wan.md#3d-rope).
 
 head_dim Dh is split into complex pairs for (frame, height, width): Dh/2 pairs = (Dh/2 - 2(Dh//6)) + (Dh//6) + (Dh//6)
 (22 + 21 + 21 for Dh = 128). Along an axis with d real dims, pair j rotates by pos * theta^(-2j/d). Angles are built

@@ -1,4 +1,4 @@
-"""The Wan2.1 text-to-video DiT (WAN_SPEC.md section 1), one implementation for teacher, generator and critic.
+"""The Wan2.1 text-to-video DiT (docs/wan.md#forward-pass), one implementation for teacher, generator and critic.
 
 Parameter names are the official Wan2.1 checkpoint keys (``blocks.0.self_attn.q.weight``...), so an official
 checkpoint loads as is and the diffusers layout is a rename (engine/models/checkpoint.py).
@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Text cross-attention: RMSNorm on q and k across heads, no RoPE, every context row attended (WAN_SPEC 1.2)."""
+    """Text cross-attention: q/k RMSNorm across heads, no RoPE, all context rows attended (docs/wan.md#forward-pass)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -126,7 +126,7 @@ class WanBlock(nn.Module):
 
 
 class Head(nn.Module):
-    """Output adaLN (from e, not e0, and no SiLU: WAN_SPEC.md 1.2) and the projection to patch pixels."""
+    """Output adaLN (from e, not e0, and no SiLU: docs/wan.md#forward-pass) and the projection to patch pixels."""
 
     def __init__(self, dim: int, out_features: int, eps: float):
         super().__init__()

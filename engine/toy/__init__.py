@@ -1,4 +1,4 @@
-"""The toy world: a video domain small enough to train and distill on a laptop CPU (DESIGN.md section 7).
+"""The toy world: a video domain small enough to train and distill on a laptop CPU (docs/toy-world.md).
 
 Modules, in reading order:
 

@@ -5,7 +5,7 @@ machine and every library version (the toy teacher's shipped weights depend on i
 ``word_vector(word) + POSITION_SCALE * position_vector(i)``: Wan's cross-attention has no position encoding of its
 own, and the toy grammar tells the object's colour from the background's only by word position
 ("a red circle ... over a gray gradient"). As in umT5, an end-of-sequence token closes every prompt (an empty prompt
-has length 1), and rows past a prompt's length are exactly zero (WAN_SPEC.md section 4).
+has length 1), and rows past a prompt's length are exactly zero (docs/wan.md#umt5).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Two pixel forms meet here: uint8 RGB numpy ``(T, H, W, 3)`` per clip (what files
 float torch ``(B, 3, T, H, W)`` in [-1, 1] (what the codec and the DiT use). :func:`to_tensor` and :func:`to_uint8`
 convert between them; every other toy module takes one form and converts at its boundary.
 
-Files are WebM (Matroska) with VP9, because DALI's CPU decoder reads VP9 and not H.264 (DESIGN.md section 5).
+Files are WebM (Matroska) with VP9, because DALI's CPU decoder reads VP9 and not H.264 (docs/architecture.md#decoders).
 Measured here on 32x32 clips: lossless ``yuv444p`` decodes to the same bytes in DALI (CPU) and PyAV and keeps ~60 dB of
 PSNR (only RGB -> YUV rounding is lost); ``yuv420p`` halves chroma resolution (~40 dB on sharp colour edges) and DALI
 and PyAV then upsample chroma differently (up to 32 levels apart at edges). ``fflags=+bitexact`` drops the random

@@ -1,7 +1,8 @@
 """Rank-0 observability: progress bar with ETA, TensorBoard scalars, a plain-text log, throughput and MFU.
 
 Scalars per log step: the method's metrics (means over the window and the ranks), what the method adds (the
-distillation: per-phase wall time, tokens/s, estimated MFU, the regression EMA cache), samples/s, skipped updates.
+distillation: per-phase wall time, tokens/s, estimated MFU from model FLOPs as in docs/wan.md#flops, the regression
+EMA cache), samples/s, skipped updates.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from engine.train import dist
 log = logging.getLogger("vidistill.train")
 
 H100_BF16_TFLOPS = 989.0
-CPU_FP32_TFLOPS = 0.077  # DESIGN.md section 7: a plain fp32 matmul peaks near 77 GFLOP/s on these 2 cores
+CPU_FP32_TFLOPS = 0.077  # docs/architecture.md#cpu-speed: a plain fp32 matmul peaks near 77 GFLOP/s on these 2 cores
 
 
 def peak_tflops(cfg: RunConfig) -> float:

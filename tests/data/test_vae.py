@@ -13,7 +13,7 @@ from engine.config import VAEConfig
 from engine.data.interfaces import VideoCodec, latent_shape
 from engine.data.vae import WanVAE, load_autoencoder, official_to_diffusers
 
-# WAN_SPEC.md section 3, typed out again here: the test's own copy of the reference values.
+# docs/wan.md#vae, typed out again here: the test's own copy of the reference values.
 MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
         0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
 STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
@@ -95,7 +95,7 @@ _RES_BACK = [("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."), ("n
 
 
 def to_official(key: str, num_res_blocks: int) -> str:
-    """diffusers -> official names, written independently of the library (inverse of WAN_SPEC's rename list)."""
+    """diffusers -> official names, written independently of the library (inverse of docs/wan.md#vae-key-names)."""
     simple = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2.", "encoder.conv_in.": "encoder.conv1.",
               "decoder.conv_in.": "decoder.conv1.", "encoder.norm_out.": "encoder.head.0.",
               "encoder.conv_out.": "encoder.head.2.", "decoder.norm_out.": "decoder.head.0.",

@@ -39,7 +39,7 @@ def _torchrun(run_dir: Path, steps: int) -> None:
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
-    env["OMP_NUM_THREADS"] = "1"  # DESIGN.md section 5
+    env["OMP_NUM_THREADS"] = "1"  # docs/architecture.md#deepspeed
     cmd = [
         sys.executable,
         "-m",

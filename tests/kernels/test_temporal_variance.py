@@ -7,7 +7,7 @@ from kernels.temporal_variance import temporal_loss, temporal_variance_reference
 
 pytestmark = pytest.mark.interpreter
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-EPS, TAU = 1e-6, 0.6  # DESIGN.md section 4
+EPS, TAU = 1e-6, 0.6  # docs/method.md#temporal-regularization
 # Latent std 0.1 gives v ~ 0.01 and loss ~ 4.6 >= tau: the kept regime. Std 1 gives loss ~ 0 < tau: truncated.
 KEPT_STD, TRUNCATED_STD = 0.1, 1.0
 

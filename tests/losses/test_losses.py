@@ -1,4 +1,4 @@
-"""Each loss against small cases computed by hand (the formulas of DESIGN.md section 4, written out here)."""
+"""Each loss against small cases computed by hand (the formulas of docs/method.md, written out here)."""
 
 import math
 

@@ -26,7 +26,7 @@ def _inputs(cfg, b=2, f=3, h=4, w=6, ctx_len=5, seed=0):
     [("wan2.1-1.3b", 1.419e9, 825), ("wan2.1-14b", 14.289e9, 1095)],
 )
 def test_real_sizes_build_on_meta(preset, params, tensors):
-    """A 14B model is constructible without allocating; sizes match WAN_SPEC.md 1.1 and section 2."""
+    """A 14B model is constructible without allocating; sizes and tensor counts match docs/wan.md#sizes."""
     model = build_model(model_preset(preset), device="meta")
     n_params = sum(p.numel() for p in model.parameters())
     assert all(p.is_meta for p in model.parameters())
@@ -142,7 +142,7 @@ def test_bf16_parameters_keep_fp32_modulation():
 
 
 def test_flops_match_wan_spec_table():
-    """WAN_SPEC.md section 8: ~283 TFLOPs (71% attention) for 1.3B and ~1.68 PFLOPs (53%) for 14B at 832x480x81."""
+    """docs/wan.md#flops: ~283 TFLOPs (71% attention) for 1.3B and ~1.68 PFLOPs (53%) for 14B at 832x480x81."""
     from engine.models.flops import dit_forward_flops
 
     small = dit_forward_flops(model_preset("wan2.1-1.3b"), (21, 60, 104), 512)
