@@ -19,6 +19,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit: wrong layout, missing/unexpected keys, shape mismatch."""
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work. The message names the offending key."""
 
@@ -546,6 +550,46 @@ ARCH_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim",
 """The fields of ModelConfig a checkpoint's config.json fixes (the rest say how the model runs)."""
 
 
+def model_config_from_json(raw: dict, **overrides) -> ModelConfig:
+    """A ModelConfig from either layout's config.json (official WanModel or diffusers WanTransformer3DModel)."""
+    if raw.get("model_type", "t2v") != "t2v" or raw.get("image_dim") or raw.get("added_kv_proj_dim"):
+        raise CheckpointError("only text-to-video Wan2.1 checkpoints are supported (found an image-conditioned config)")
+    if "num_attention_heads" in raw:  # diffusers
+        fields = dict(
+            dim=raw["num_attention_heads"] * raw["attention_head_dim"],
+            num_heads=raw["num_attention_heads"],
+            in_dim=raw.get("in_channels", 16),
+            out_dim=raw.get("out_channels") or raw.get("in_channels", 16),
+            rope_max_seq_len=raw.get("rope_max_seq_len", 1024),
+        )
+    elif "dim" in raw:  # official
+        fields = dict(dim=raw["dim"], num_heads=raw["num_heads"], in_dim=raw.get("in_dim", 16))
+        fields["out_dim"] = raw.get("out_dim", 16)
+    else:
+        raise CheckpointError(f"config.json has neither diffusers nor official Wan fields: {sorted(raw)}")
+    fields.update(
+        ffn_dim=raw["ffn_dim"],
+        num_layers=raw["num_layers"],
+        text_dim=raw.get("text_dim", 4096),
+        freq_dim=raw.get("freq_dim", 256),
+        patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
+        eps=raw.get("eps", 1e-6),
+        cross_attn_norm=raw.get("cross_attn_norm", True),
+    )
+    cfg = ModelConfig(**{**fields, **overrides})
+    validate_model(cfg)
+    return cfg
+
+
+def _checkpoint_config_json(path: str | Path) -> Path | None:
+    """config.json of a checkpoint: in its directory, its pipeline root's transformer/, or next to its file."""
+    p = Path(path)
+    for c in (p / "config.json", p / "transformer" / "config.json", p.parent / "config.json"):
+        if c.is_file() and (c.parent != p.parent or p.is_file()):
+            return c
+    return None
+
+
 def architecture_from_checkpoint(cfg: RunConfig, explicit: dict[str, Any]) -> RunConfig:
     """With no ``model.preset``, every architecture field the config does not set comes from ``model.checkpoint``'s
     config.json (a user names the teacher, not its dims). Fields the config sets are kept, and checked against the
@@ -553,11 +597,12 @@ def architecture_from_checkpoint(cfg: RunConfig, explicit: dict[str, Any]) -> Ru
     m = cfg.model
     if m.preset is not None or not m.checkpoint or set(explicit) >= set(ARCH_FIELDS):
         return cfg
-    from engine.models.checkpoint import CheckpointError, read_model_config
-
+    found = _checkpoint_config_json(m.checkpoint)
+    if found is None:
+        return cfg
     try:
-        ckpt = read_model_config(m.checkpoint)
-    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        ckpt = model_config_from_json(json.loads(found.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):  # left to the job, whose error names model.checkpoint
         return cfg
     arch = {f: getattr(ckpt, f) for f in ARCH_FIELDS if f not in explicit}
     return dataclasses.replace(cfg, model=dataclasses.replace(m, **arch))

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from engine.config import load_config
-    from engine.data.precompute import run_precompute
+    from engine.worlds.precompute import run_precompute
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     cfg = load_config(args.config, args.overrides)

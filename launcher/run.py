@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run: {exc}", file=sys.stderr)
         return 2
     if summary.get("rank", 0) == 0:
-        print(f"finished at step {summary['step']}; skipped updates: {summary['skipped']}")
+        done = (
+            " (already finished: nothing to train; raise train.max_steps to continue)"
+            if summary.get("finished")
+            else ""
+        )
+        print(f"finished at step {summary['step']}{done}; skipped updates: {summary['skipped']}")
     return 0
 
 

@@ -6,6 +6,7 @@ never branches on where its data comes from; tests pass a factory of their own.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +65,16 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
     ckpt.check_teacher(
         Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, teacher_id, cfg.model.checkpoint
     )
+    export = Path(cfg.logging.run_dir) / "export" / "transformer"
+    done = ckpt.finished(Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, cfg.train.max_steps)
+    if done is not None and (not cfg.checkpoint.export or (export / "config.json").is_file()):
+        return {  # a finished job: report it, build nothing
+            "step": int(done["step"]),
+            "start": int(done["step"]),
+            "skipped": dict(done["skipped"]),
+            "rank": int(os.environ.get("RANK", "0")),
+            "finished": True,
+        }
     dist.init()
     check_world_size(cfg, dist.world_size())
     device = dist.device()
@@ -75,8 +86,6 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
     gen = roles.generator.module
     write = world_sampler(cfg, world, device)
     sampler = (lambda step: write(gen, step)) if write else None
-
-    export = Path(cfg.logging.run_dir) / "export" / "transformer"
 
     def exporter() -> None:  # collective: every rank takes part in gathering the generator
         export_diffusers(gen, model_cfg, export)

@@ -18,17 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import ModelConfig, validate_model
+from engine.config import CheckpointError, ModelConfig, model_config_from_json
 from engine.fsutil import atomic_write_text, fix_mode
 
 Layout = Literal["official", "diffusers"]
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 COMFY_PREFIX = "model.diffusion_model."
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit: wrong layout, missing/unexpected keys, shape mismatch."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -213,37 +209,6 @@ def official_config(cfg: ModelConfig) -> dict:
         "cross_attn_norm": cfg.cross_attn_norm,
         "eps": cfg.eps,
     }
-
-
-def model_config_from_json(raw: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from either layout's config.json (official WanModel or diffusers WanTransformer3DModel)."""
-    if raw.get("model_type", "t2v") != "t2v" or raw.get("image_dim") or raw.get("added_kv_proj_dim"):
-        raise CheckpointError("only text-to-video Wan2.1 checkpoints are supported (found an image-conditioned config)")
-    if "num_attention_heads" in raw:  # diffusers
-        fields = dict(
-            dim=raw["num_attention_heads"] * raw["attention_head_dim"],
-            num_heads=raw["num_attention_heads"],
-            in_dim=raw.get("in_channels", 16),
-            out_dim=raw.get("out_channels") or raw.get("in_channels", 16),
-            rope_max_seq_len=raw.get("rope_max_seq_len", 1024),
-        )
-    elif "dim" in raw:  # official
-        fields = dict(dim=raw["dim"], num_heads=raw["num_heads"], in_dim=raw.get("in_dim", 16))
-        fields["out_dim"] = raw.get("out_dim", 16)
-    else:
-        raise CheckpointError(f"config.json has neither diffusers nor official Wan fields: {sorted(raw)}")
-    fields.update(
-        ffn_dim=raw["ffn_dim"],
-        num_layers=raw["num_layers"],
-        text_dim=raw.get("text_dim", 4096),
-        freq_dim=raw.get("freq_dim", 256),
-        patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
-        eps=raw.get("eps", 1e-6),
-        cross_attn_norm=raw.get("cross_attn_norm", True),
-    )
-    cfg = ModelConfig(**{**fields, **overrides})
-    validate_model(cfg)
-    return cfg
 
 
 def read_model_config(path: str | Path, **overrides) -> ModelConfig:

@@ -27,8 +27,6 @@ from engine.toy.sampling import decode, student_latents, teacher_latents, vif_la
 from engine.toy.world import ensure_dataset
 from engine.train import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -65,7 +63,8 @@ def distill(config: Path, run_dir: Path, overrides: list[str], nproc: int, teach
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        str(ROOT / "launcher" / "run.py"),
+        "-m",
+        "launcher.run",  # the installed package, not a path inside a checkout
         "--config",
         str(config),
         f"logging.run_dir={run_dir}",

@@ -121,6 +121,16 @@ def load(path: Path, engines: dict) -> tuple[dict, dict]:
     return shared, torch.load(rank_file, weights_only=True)
 
 
+def finished(root: Path, resume: str, max_steps: int) -> dict | None:
+    """The shared state of the checkpoint a run would resume from when it already reached ``max_steps`` (a re-run of
+    a finished job has nothing to train), else None. Reads one small file: nothing is built or loaded."""
+    path = find_resume(root, resume)
+    if path is None:
+        return None
+    shared = read_shared(path)
+    return shared if int(shared["step"]) >= max_steps else None
+
+
 def check_teacher(root: Path, resume: str, teacher_id: str | None, teacher_path: str | None) -> None:
     """A run resumes only against the teacher it was trained with: the generator and critic in its checkpoint were
     initialized from, and distilled against, those weights. Checked before any model is built."""

@@ -124,7 +124,7 @@ def main():
         report = {
             "summary": summary,
             "rows": rec.rows,
-            "partition": rec.partition,
+            "partition": getattr(rec, "partition", None),  # None: the job built no model (it had finished)
             "zero3_vs_plain": rec.zero3_vs_plain,
         }
         (run_dir / "report.json").write_text(json.dumps(report, indent=1))

@@ -187,3 +187,19 @@ def test_resume_against_a_retrained_teacher_fails_before_building(tmp_path, teac
     assert again.returncode != 0
     assert "`model.checkpoint`" in again.stderr and "distilled from other teacher weights" in again.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"  # untouched
+
+
+def test_a_finished_job_reports_and_builds_nothing(tmp_path, teacher):
+    first, run_dir = launch(tmp_path, teacher, "done", steps=2, every=2, nproc=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    export = run_dir / "export" / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = export.stat().st_mtime_ns
+    again, _ = launch(tmp_path, teacher, "done", steps=2, every=2, nproc=1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rep = report(run_dir)
+    assert rep["summary"]["finished"] and rep["summary"]["step"] == 2
+    assert rep["partition"] is None and rep["rows"] == []  # no model was built, no step ran
+    assert export.stat().st_mtime_ns == before  # the export was not rewritten
+    more, _ = launch(tmp_path, teacher, "done", steps=3, every=3, nproc=1)  # a higher max_steps trains on
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert report(run_dir)["summary"]["step"] == 3 and "finished" not in report(run_dir)["summary"]
