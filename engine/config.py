@@ -822,20 +822,35 @@ def resolve_dtype(cfg: RunConfig, cuda: Optional[bool] = None):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, *, cuda: Optional[bool] = None) -> dict[str, Any]:
-    """The DeepSpeed JSON for a trained role, from the one run config (batch size, dtype and ZeRO stage)."""
+def deepspeed_config(
+    cfg: RunConfig,
+    world_size: int,
+    *,
+    cuda: Optional[bool] = None,
+    micro_batch_size: Optional[int] = None,
+    grad_accum_steps: Optional[int] = None,
+    zero_stage: Optional[int] = None,
+    gradient_clipping: Optional[float] = None,
+    dtype=None,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for a trained role, from the one run config (batch size, dtype and ZeRO stage of
+    ``optim`` and ``deepspeed``); a job training another model (the interpolator) overrides what its own section
+    sets."""
     import torch
 
     _require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
     o, ds = cfg.optim, cfg.deepspeed
-    dtype = resolve_dtype(cfg, cuda)
+    dtype = resolve_dtype(cfg, cuda) if dtype is None else dtype
+    mb = o.micro_batch_size if micro_batch_size is None else micro_batch_size
+    accum = o.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
+    stage = ds.zero_stage if zero_stage is None else zero_stage
     zero: dict[str, Any] = {
-        "stage": ds.zero_stage,
+        "stage": stage,
         "overlap_comm": ds.overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": ds.reduce_bucket_size,
     }
-    if ds.zero_stage == 3:
+    if stage == 3:
         zero.update(
             stage3_prefetch_bucket_size=ds.prefetch_bucket_size,
             stage3_param_persistence_threshold=ds.param_persistence_threshold,
@@ -845,13 +860,13 @@ def deepspeed_config(cfg: RunConfig, world_size: int, *, cuda: Optional[bool] = 
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:
-        _require(ds.zero_stage == 3, "deepspeed.offload_param", "needs deepspeed.zero_stage=3")
+        _require(stage == 3, "deepspeed.offload_param", "needs deepspeed.zero_stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
-        "train_micro_batch_size_per_gpu": o.micro_batch_size,
-        "gradient_accumulation_steps": o.grad_accum_steps,
-        "train_batch_size": o.micro_batch_size * o.grad_accum_steps * world_size,
-        "gradient_clipping": o.max_grad_norm,
+        "train_micro_batch_size_per_gpu": mb,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": mb * accum * world_size,
+        "gradient_clipping": o.max_grad_norm if gradient_clipping is None else gradient_clipping,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
         "zero_optimization": zero,

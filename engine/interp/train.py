@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import RunConfig, save_config
+from engine.config import deepspeed_config as run_deepspeed_config
 from engine.interp.data import LatentSource
 from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, load_interpolator, save_interpolator
 from engine.train import dist
@@ -130,15 +131,12 @@ def micro_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The run's DeepSpeed JSON (engine.config) with the interpolator's batch, ZeRO stage, fp32 and no clipping."""
     mb, accum = micro_batch(cfg, world_size)
-    return {
-        "train_batch_size": cfg.interp.batch_size,
-        "train_micro_batch_size_per_gpu": mb,
-        "gradient_accumulation_steps": accum,
-        "zero_optimization": {"stage": cfg.interp.zero_stage},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    return run_deepspeed_config(
+        cfg, world_size, micro_batch_size=mb, grad_accum_steps=accum, zero_stage=cfg.interp.zero_stage,
+        gradient_clipping=0.0, dtype=torch.float32,
+    )  # fmt: skip
 
 
 def build_engine(cfg: RunConfig, world_size: int):
