@@ -248,24 +248,15 @@ def _isatty(stream) -> bool:
         return False
 
 
-def progress(
-    iterable: Optional[Iterable] = None,
-    *,
-    total: Optional[float] = None,
-    initial: float = 0,
-    desc: Optional[str] = None,
-    unit: str = "it",
-    disable: bool = False,
-    file=None,
-    tty: Optional[bool] = None,
-    every_s: float = 60.0,
-    every_pct: float = 10.0,
-    **tqdm_kwargs: Any,
-):
+PLAIN_KEYS = ("total", "initial", "desc", "unit", "disable", "every_s", "every_pct")
+"""The keywords :class:`PlainProgress` takes; the others (``position``, ``dynamic_ncols``, ...) only matter to tqdm."""
+
+
+def progress(iterable: Optional[Iterable] = None, *, file=None, tty: Optional[bool] = None, **kwargs: Any):
     """A tqdm bar when ``file`` (default stderr) is a terminal, else a :class:`PlainProgress` writing a line every
     ``every_s`` seconds or ``every_pct`` percent. Same use as tqdm: iterate over it, or ``update``/``set_postfix``/
     ``write``/``close`` it. ``tty`` forces one or the other (default: ``VIDISTILL_PROGRESS``, then ``isatty``);
-    ``tqdm_kwargs`` (``position``, ``dynamic_ncols``, ...) only matter to tqdm."""
+    keywords: tqdm's (``total``, ``initial``, ``desc``, ``unit``, ``disable``, ...) and ``every_s``/``every_pct``."""
     stream = file if file is not None else sys.stderr
     if tty is None:
         forced = os.environ.get(PROGRESS_ENV, "").strip().lower()
@@ -273,20 +264,8 @@ def progress(
     if tty:
         from tqdm.auto import tqdm
 
-        return tqdm(
-            iterable, total=total, initial=initial, desc=desc, unit=unit, disable=disable, file=file, **tqdm_kwargs
-        )
-    return PlainProgress(
-        iterable,
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit=unit,
-        disable=disable,
-        file=file,
-        every_s=every_s,
-        every_pct=every_pct,
-    )
+        return tqdm(iterable, file=file, **{k: v for k, v in kwargs.items() if k not in ("every_s", "every_pct")})
+    return PlainProgress(iterable, file=file, **{k: v for k, v in kwargs.items() if k in PLAIN_KEYS})
 
 
 def format_seconds(s: float) -> str:

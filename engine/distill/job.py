@@ -56,8 +56,23 @@ def configured_interpolator(cfg: RunConfig, in_dim: int) -> Path | None:
     return path
 
 
+def export_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.logging.run_dir) / "export" / "transformer"
+
+
+def finished_summary(cfg: RunConfig) -> dict | None:
+    """The summary of a job that already reached ``train.max_steps`` and has its export (when asked for), read from
+    its newest checkpoint; None when there is training (or an export) left to do."""
+    done = ckpt.finished(Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, cfg.train.max_steps)
+    if done is None or (cfg.checkpoint.export and not (export_dir(cfg) / "config.json").is_file()):
+        return None
+    step, rank = int(done["step"]), int(os.environ.get("RANK", "0"))
+    return {"step": step, "start": step, "skipped": dict(done["skipped"]), "rank": rank, "finished": True}
+
+
 def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, on_step=None) -> dict:
-    """Run (or resume) a distillation job. Returns the loop's summary on every rank."""
+    """Run (or resume) a distillation job. Returns the loop's summary on every rank; a finished job returns its
+    summary without building anything."""
     kind_of(cfg)  # a pairing of codec and text encoder that is no world fails before anything starts
     model_cfg = resolve_model_config(cfg)  # fails on a bad checkpoint path or architecture before anything is built
     interp = configured_interpolator(cfg, model_cfg.in_dim)
@@ -65,16 +80,8 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
     ckpt.check_teacher(
         Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, teacher_id, cfg.model.checkpoint
     )
-    export = Path(cfg.logging.run_dir) / "export" / "transformer"
-    done = ckpt.finished(Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, cfg.train.max_steps)
-    if done is not None and (not cfg.checkpoint.export or (export / "config.json").is_file()):
-        return {  # a finished job: report it, build nothing
-            "step": int(done["step"]),
-            "start": int(done["step"]),
-            "skipped": dict(done["skipped"]),
-            "rank": int(os.environ.get("RANK", "0")),
-            "finished": True,
-        }
+    if (done := finished_summary(cfg)) is not None:
+        return done
     dist.init()
     check_world_size(cfg, dist.world_size())
     device = dist.device()
@@ -83,9 +90,8 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
     world = make_world(cfg, device)  # data problems surface here, still before any model is built
     roles = build_roles(cfg, model_cfg, resolve_dtype(cfg))
     method = DMDMethod(cfg, roles, world.unconditional(), world.latent_shape, device)
-    gen = roles.generator.module
+    gen, export = roles.generator.module, export_dir(cfg)
     write = world_sampler(cfg, world, device)
-    sampler = (lambda step: write(gen, step)) if write else None
 
     def exporter() -> None:  # collective: every rank takes part in gathering the generator
         export_diffusers(gen, model_cfg, export)
@@ -94,15 +100,9 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
         dist.barrier()
 
     loop = Loop(
-        LoopSettings.of(cfg),
-        method,
-        world.source,
-        cfg=cfg,
-        on_step=on_step,
-        sampler=sampler,
-        sample_every=cfg.logging.sample_every,
-        exporter=exporter if cfg.checkpoint.export else None,
-        export_done=lambda: (export / "config.json").is_file(),
+        LoopSettings.of(cfg), method, world.source, cfg=cfg, on_step=on_step,
+        sampler=(lambda step: write(gen, step)) if write else None, sample_every=cfg.logging.sample_every,
+        exporter=exporter if cfg.checkpoint.export else None, export_done=lambda: (export / "config.json").is_file(),
         meta={"teacher": teacher_id},
-    )
+    )  # fmt: skip
     return loop.run()

@@ -75,23 +75,23 @@ class World:
     _text: TextEncoder | None = field(default=None, repr=False)
     _codec: VideoCodec | None = field(default=None, repr=False)
 
+    def _loaded(self, part: str, what: str):
+        if getattr(self, f"_{part}") is None:
+            loader = getattr(self, f"load_{part}")
+            if loader is None:
+                raise RuntimeError(f"the {self.kind} world has no {what}")
+            setattr(self, f"_{part}", loader())
+        return getattr(self, f"_{part}")
+
     @property
     def text(self) -> TextEncoder:
         """The text encoder (loaded on first use)."""
-        if self._text is None:
-            if self.load_text is None:
-                raise RuntimeError(f"the {self.kind} world has no text encoder")
-            self._text = self.load_text()
-        return self._text
+        return self._loaded("text", "text encoder")
 
     @property
     def codec(self) -> VideoCodec:
         """The video codec (loaded on first use)."""
-        if self._codec is None:
-            if self.load_codec is None:
-                raise RuntimeError(f"the {self.kind} world has no codec")
-            self._codec = self.load_codec()
-        return self._codec
+        return self._loaded("codec", "codec")
 
     def unconditional(self) -> torch.Tensor:
         """(1, L, D): ``uncond`` when the world has it (toy, a cache), else the text encoder's negative prompt."""
