@@ -210,7 +210,7 @@ def find_interpolator(settings: GenerateSettings, student: Path, in_dim: int) ->
     return path, config
 
 
-def latent_shape(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[int, int, int, int]:
+def plan_latent_shape(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[int, int, int, int]:
     """The world's latent shape (engine.worlds) for this DiT's channels, divisible by the DiT's patch."""
     try:
         shape = world_latent_shape(cfg, model_cfg.in_dim)
@@ -260,7 +260,7 @@ def plan_generation(cfg: RunConfig, settings: GenerateSettings) -> Plan:
         model = resolve_model(settings.teacher or cfg.model.checkpoint, "--teacher (or model.checkpoint)", cfg)
     else:
         model = resolve_model(settings.student, "--student", cfg)
-    shape = latent_shape(cfg, model.cfg)
+    shape = plan_latent_shape(cfg, model.cfg)
     interpolator = None
     if settings.sampler == "vif":
         interpolator, icfg = find_interpolator(settings, model.path, model.cfg.in_dim)

@@ -40,13 +40,3 @@ class VideoCodec(Protocol):
     def encode(self, video: torch.Tensor) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
-
-
-def latent_shape(codec: VideoCodec, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(C, F, h, w) of the latent of a clip of ``num_frames`` frames at ``height x width`` pixels."""
-    if (num_frames - 1) % codec.temporal_stride:
-        raise ValueError(f"num_frames={num_frames} is not of the form {codec.temporal_stride}k+1")
-    if height % codec.spatial_stride or width % codec.spatial_stride:
-        raise ValueError(f"{height}x{width} is not divisible by the codec's spatial stride {codec.spatial_stride}")
-    f = 1 + (num_frames - 1) // codec.temporal_stride
-    return codec.z_dim, f, height // codec.spatial_stride, width // codec.spatial_stride

@@ -9,11 +9,11 @@ from engine.config import DataConfig, RunConfig, TextEncoderConfig, VAEConfig
 from engine.data.cache import CacheError, precompute_latents, precompute_text, shard_path, write_index
 from engine.data.decoders import PyAVDecoder
 from engine.data.manifest import ManifestEntry, load_manifest
-from engine.worlds.precompute import run_precompute
 from engine.data.reader import VideoReader
 from engine.data.source import CacheDataset, build_source
 from engine.data.text import UMT5TextEncoder
 from engine.data.vae import WanVAE, load_autoencoder
+from engine.worlds.precompute import run_precompute
 from tests.data.conftest import write_jsonl
 from tests.data.tiny_models import save_text_encoder, save_vae
 

@@ -10,8 +10,9 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from engine.config import VAEConfig
-from engine.data.interfaces import VideoCodec, latent_shape
+from engine.data.interfaces import VideoCodec
 from engine.data.vae import WanVAE, load_autoencoder, official_to_diffusers
+from engine.worlds import latent_shape
 
 # docs/wan.md#vae, typed out again here: the test's own copy of the reference values.
 MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -36,7 +37,8 @@ def test_satisfies_the_codec_protocol():
     codec = WanVAE(tiny_vae())
     assert isinstance(codec, VideoCodec)
     assert (codec.z_dim, codec.temporal_stride, codec.spatial_stride) == (16, 4, 8)
-    assert latent_shape(codec, 81, 480, 832) == (16, 21, 60, 104)
+    strides = dict(temporal_stride=codec.temporal_stride, spatial_stride=codec.spatial_stride)
+    assert latent_shape(81, 480, 832, channels=codec.z_dim, **strides) == (16, 21, 60, 104)
 
 
 def test_encode_matches_diffusers_plus_the_normalization_formula():

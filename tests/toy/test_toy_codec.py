@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from engine.config import ToyWorldConfig
-from engine.data.interfaces import VideoCodec, latent_shape
+from engine.data.interfaces import VideoCodec
 from engine.toy.codec import ASSET, ToyCodec, fit_codec, fit_codec_on_dataset
 from engine.toy.metrics import compute_metrics
 from engine.toy.videos import psnr, to_tensor
 from engine.toy.world import ensure_dataset
+from engine.worlds import latent_shape
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,13 @@ def codec() -> ToyCodec:
 def test_shipped_codec_fits_the_interface(codec):
     assert isinstance(codec, VideoCodec)
     assert (codec.z_dim, codec.temporal_stride, codec.spatial_stride) == (16, 1, 4)
-    assert latent_shape(codec, 9, 32, 32) == (16, 9, 8, 8)  # 8x8x9 latents: 144 tokens after a (1, 2, 2) patch
+    strides = dict(temporal_stride=codec.temporal_stride, spatial_stride=codec.spatial_stride)
+    assert latent_shape(9, 32, 32, channels=codec.z_dim, **strides) == (
+        16,
+        9,
+        8,
+        8,
+    )  # 8x8x9 latents: 144 tokens after a (1, 2, 2) patch
     assert ASSET.stat().st_size < 100_000
     torch.testing.assert_close(codec.basis @ codec.basis.T, torch.eye(16), atol=1e-5, rtol=0)  # orthonormal rows
 
