@@ -16,6 +16,7 @@ import torch
 
 from engine.config import RunConfig, save_config
 from engine.data.mp4 import to_frames, write_mp4
+from engine.diffusion.samplers import video_seed
 from engine.models.checkpoint import weight_files, weights_fingerprint
 from engine.models.interp_unet import load_interpolator
 from engine.toy.data import toy_tensors
@@ -99,7 +100,7 @@ def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
         "sampler": (d.teacher_steps, d.guidance_scale, d.guidance_form, d.shift),
         "world": repr(cfg.toy),
     }
-    cached = torch.load(cache) if cache.is_file() else None
+    cached = torch.load(cache, weights_only=True) if cache.is_file() else None
     if cached is not None and cached.get("key") == key:
         teacher = cached["latents"]
     else:
@@ -134,6 +135,9 @@ def evaluate(cfg: RunConfig, run_dir: Path, n: int) -> dict:
     for name, lat in outputs.items():
         for i, video in enumerate(decode(parts.codec, lat[:4])):
             write_mp4(videos / f"{name}_{i:02d}.mp4", to_frames(video), fps=cfg.data.fps, scale=4)
+    # video i of every sampler was drawn with seed video_seed(0, i): launcher/generate.py --seeds <seed> redraws it
+    index = [{"video": f"<sampler>_{i:02d}.mp4", "prompt": val.captions[i], "seed": video_seed(0, i)} for i in range(4)]
+    (videos / "prompts.json").write_text(json.dumps(index, indent=1))
     return {"rows": rows, "n": n, **timings}
 
 
