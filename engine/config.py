@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -492,10 +495,50 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _oc_error(exc: OmegaConfBaseException) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
+def _oc_error(exc: OmegaConfBaseException, schema=None, layers=()) -> ConfigError:
+    """A ConfigError naming the key OmegaConf complained about. Some errors (a tuple field given the wrong number of
+    values, a value inside a list that does not convert) carry no key: then each value the layers set is merged alone
+    into the schema, and the first that fails is the key."""
+    key = getattr(exc, "full_key", None)
+    msg = _first_line(exc)
+    if not key and schema is not None:
+        found = _failing_leaf(schema, layers)
+        if found is not None:
+            key, value, msg = found
+            msg = f"{value!r} does not fit: {msg}"
+    return ConfigError(f"config key `{key or '?'}`: {msg}")
+
+
+def _first_line(exc: Exception) -> str:
     msg = str(exc).splitlines()[0]
-    return ConfigError(f"config key `{key}`: {msg}")
+    return "a value does not convert to the field's type" if "$VALUE" in msg else msg  # an unformatted template
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every value a YAML layer sets; a list is one value."""
+    for k, v in node.items_ex(resolve=False) if OmegaConf.is_dict(node) else ():
+        key = f"{prefix}{k}"
+        if OmegaConf.is_dict(v):
+            yield from _leaves(v, f"{key}.")
+        else:
+            yield key, OmegaConf.to_container(v) if OmegaConf.is_list(v) else v
+
+
+def _failing_leaf(schema, layers):
+    for layer in layers:
+        for key, value in _leaves(layer):
+            try:
+                OmegaConf.merge(schema, _nested(key, value))
+            except OmegaConfBaseException as exc:
+                return key, value, _first_line(exc)
+    return None
+
+
+def _nested(key: str, value):
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
 
 
 def _read_yaml(path: str | Path):
@@ -539,7 +582,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             merged = user
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise _oc_error(exc) from exc
+        raise _oc_error(exc, schema, layers) from exc
     cfg = derive_toy_data(cfg, _explicit_keys(layers, "data", TOY_DATA_KEYS))
     cfg = architecture_from_checkpoint(cfg, _explicit_keys(layers, "model", ARCH_FIELDS))
     validate(cfg)
@@ -756,6 +799,7 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(cfg.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
     _require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require(bool(cfg.logging.run_dir.strip()), "logging.run_dir", "must not be empty (it would write into the cwd)")
     _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     _require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
     _require(cfg.text_encoder.max_length >= 1, "text_encoder.max_length", "must be >= 1")
@@ -777,8 +821,26 @@ def _validate_run(cfg: RunConfig) -> None:
     )
 
 
+def _nonfinite(obj, prefix: str = ""):
+    """The dotted key of the first float (alone or in a list/tuple) of a dataclass tree that is inf or nan."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            found = _nonfinite(value, f"{key}.")
+            if found is not None:
+                return found
+            continue
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            return key, value
+    return None
+
+
 def validate(cfg: RunConfig) -> None:
     """Raise ConfigError naming the first impossible value."""
+    found = _nonfinite(cfg)
+    if found is not None:
+        _require(False, found[0], f"must be finite, got {found[1]}")
     validate_model(cfg.model)
     _validate_diffusion(cfg.diffusion)
     _validate_method(cfg.method)
@@ -797,7 +859,17 @@ def _validate_toy(cfg: RunConfig) -> None:
         for key in TOY_DATA_KEYS:
             want, got = getattr(cfg.toy, key), getattr(cfg.data, key)
             _require(got == want, f"data.{key}", f"{got}, but in the toy world it follows toy.{key}={want}")
+    if cfg.vae.kind == "toy":
+        n_train = cfg.toy.num_clips - cfg.toy.num_val()
+        _require(
+            cfg.optim.micro_batch_size <= n_train,
+            "optim.micro_batch_size",
+            f"{cfg.optim.micro_batch_size} is more than the toy world's {n_train} training clips "
+            f"(toy.num_clips={cfg.toy.num_clips}, toy.val_fraction={cfg.toy.val_fraction})",
+        )
     t = cfg.toy_teacher
+    for key in ("out_dir", "export_dir"):
+        _require(bool(getattr(t, key).strip()), f"toy_teacher.{key}", "must not be empty (it would write into the cwd)")
     _require(t.steps >= 1, "toy_teacher.steps", "must be >= 1")
     _require(t.batch_size >= 1, "toy_teacher.batch_size", "must be >= 1")
     _require(t.lr > 0, "toy_teacher.lr", "must be positive")
@@ -812,14 +884,36 @@ def _validate_toy(cfg: RunConfig) -> None:
 
 
 def resolve_dtype(cfg: RunConfig, cuda: Optional[bool] = None):
-    """The training dtype: bf16 on CUDA and fp32 on CPU unless the config fixes it."""
+    """The training dtype: bf16 on CUDA and fp32 on CPU unless the config fixes it. fp16 needs CUDA (DeepSpeed's
+    loss scaling and the fp16 kernels do not run on a CPU)."""
     import torch
 
     name = cfg.deepspeed.dtype
-    if name == "auto":
+    if name in ("auto", "fp16"):
         cuda = torch.cuda.is_available() if cuda is None else cuda
+    if name == "auto":
         name = "bf16" if cuda else "fp32"
+    _require(name != "fp16" or cuda, "deepspeed.dtype", "fp16 needs CUDA; use fp32 (or auto) on a CPU")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def check_writable_dir(path: str | Path, key: str) -> Path:
+    """Create ``path`` if needed and prove it takes a file, before any work is done: a run that cannot save must not
+    start. Raises ConfigError naming ``key``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"config key `{key}`: {path} is not a writable directory ({exc.strerror or exc})") from exc
+    return path
+
+
+def check_run_dir(cfg: RunConfig) -> Path:
+    """``logging.run_dir`` exists (created if needed) and is writable; ConfigError naming the key otherwise."""
+    return check_writable_dir(cfg.logging.run_dir, "logging.run_dir")
 
 
 def deepspeed_config(

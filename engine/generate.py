@@ -149,7 +149,17 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
         path = Path(settings.prompts_file)
         if not path.is_file():
             raise GenerateError(f"--prompts: {path} is not a file (expected one prompt per line)")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise GenerateError(
+                f"--prompts: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at line {line}); "
+                "save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise GenerateError(f"--prompts: {path} cannot be read ({exc.strerror or exc})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise GenerateError(f"--prompts: {path} holds no prompt (one prompt per line; blank lines are ignored)")
         return prompts

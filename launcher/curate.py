@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from engine import console
 
@@ -28,7 +29,7 @@ def _parse_override(cfg, item: str):
     return key, type(current)(value)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a directory of videos, or a .jsonl/.csv manifest (caption optional)")
     parser.add_argument("--out", required=True, help="kept manifest (JSONL)")
@@ -49,7 +50,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(cfg, workers=args.workers)
     summary = curate(args.source, args.out, args.report, cfg, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
+    if not summary["kept"]:  # an empty manifest is no result: say why, and fail the pipeline step
+        reasons = ", ".join(f"{k}: {v}" for k, v in summary.items() if k not in ("inputs", "kept")) or "no inputs"
+        print(
+            f"curate: error: no clip kept of {summary['inputs']} ({reasons}); see {args.report} for each video, and "
+            "loosen the filters (key=value overrides) if they are too strict",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

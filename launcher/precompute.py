@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from engine import console
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (data, text_encoder and vae sections are used)")
     parser.add_argument("--kinds", nargs="+", default=["text", "latents"], choices=["text", "latents"])
@@ -35,25 +36,30 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from engine.config import load_config
+    from engine.config import ConfigError, load_config
     from engine.worlds.precompute import run_precompute
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    cfg = load_config(args.config, args.overrides)
-    done = run_precompute(
-        cfg,
-        kinds=args.kinds,
-        rank=args.rank,
-        world_size=args.world_size,
-        text_shard_size=args.text_shard_size,
-        latent_shard_size=args.latent_shard_size,
-        batch_size=args.batch_size,
-        device=device,
-        progress=not args.no_progress,
-    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        done = run_precompute(
+            cfg,
+            kinds=args.kinds,
+            rank=args.rank,
+            world_size=args.world_size,
+            text_shard_size=args.text_shard_size,
+            latent_shard_size=args.latent_shard_size,
+            batch_size=args.batch_size,
+            device=device,
+            progress=not args.no_progress,
+        )
+    except ConfigError as exc:
+        print(f"precompute: error: {exc}", file=sys.stderr)
+        return 2
     for kind, ok in done.items():
         print(f"{kind}: {'index written' if ok else 'shards written; index pending other ranks'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

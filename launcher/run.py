@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from engine import console
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, check_run_dir, load_config, resolve_dtype
 
 
 def parse(argv):
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     console.setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_dir(cfg)  # a run that cannot save stops here, not at its first checkpoint
+        resolve_dtype(cfg)  # fp16 without CUDA
         from engine.distill.job import run_distillation
 
         summary = run_distillation(cfg)

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from engine import console
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, check_run_dir, load_config
 from engine.interp.train import run
 from engine.models.interp_unet import InterpolatorError
 
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_dir(cfg)  # a run that cannot save stops here, not at its first checkpoint
         result = run(
             cfg,
             latents=args.latents,

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from engine import console
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, check_writable_dir, load_config
 from engine.toy.recipes import evaluate_teacher, train_teacher
 
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     console.install(verbose=args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.eval:  # training writes its checkpoints and log there
+            check_writable_dir(cfg.toy_teacher.out_dir, "toy_teacher.out_dir")
     except ConfigError as exc:
         print(f"train_teacher: {exc}", file=sys.stderr)
         return 2

@@ -126,3 +126,104 @@ def test_architecture_comes_from_the_checkpoint_when_the_config_does_not_set_it(
     assert kept.model.num_layers == 5 and kept.model.dim == tiny.dim  # a set field stays (the job checks it)
     missing = load_config(overrides=[f"model.checkpoint={tmp_path / 'nowhere'}"])
     assert missing.model.dim == 1536  # unreadable: left to the job, whose error names model.checkpoint
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=inf", "optim.lr"),
+        ("diffusion.guidance_scale=inf", "diffusion.guidance_scale"),
+        ("diffusion.guidance_scale=nan", "diffusion.guidance_scale"),
+        ("method.temporal.tau=nan", "method.temporal.tau"),  # no range check of its own: the walk catches it
+        ("logging.peak_tflops=inf", "logging.peak_tflops"),  # Optional[float]
+        ("diffusion.student_timesteps=[1000,nan]", "diffusion.student_timesteps"),  # inside a list
+        ("toy.speeds=[1.0,-inf]", "toy.speeds"),  # inside a tuple
+    ],
+)
+def test_non_finite_numbers_are_refused_anywhere(override, key):
+    with pytest.raises(ConfigError, match=rf"config key `{key}`: must be finite"):
+        load_config(None, [override])
+
+
+def test_the_finite_walk_covers_every_float_field():
+    """Every float field of the tree, nested sections included, is reached: set each one to nan in turn."""
+    import dataclasses
+    import math
+
+    from engine.config import RunConfig, validate
+
+    def floats(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                yield from floats(v, f"{prefix}{f.name}.")
+            elif isinstance(v, float):
+                yield f"{prefix}{f.name}"
+
+    def set_nan(obj, path):
+        head, *rest = path
+        return dataclasses.replace(obj, **{head: set_nan(getattr(obj, head), rest) if rest else math.nan})
+
+    cfg = RunConfig()
+    keys = list(floats(cfg))
+    assert "optim.lr" in keys and "method.regression.k" in keys and len(keys) > 20
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"`{key}`: must be finite"):
+            validate(set_nan(cfg, key.split(".")))
+
+
+@pytest.mark.parametrize("key", ["logging.run_dir", "toy_teacher.out_dir", "toy_teacher.export_dir"])
+def test_empty_output_directories_are_refused(tmp_path, key):
+    section, name = key.split(".")
+    path = _write(tmp_path, f'{section}:\n  {name}: ""\n')
+    with pytest.raises(ConfigError, match=rf"config key `{key}`: must not be empty"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"config key `{key}`: must not be empty"):
+        load_config(None, [f"{key}='  '"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("optim.betas=[0.9,0.99,0.999]", "optim.betas"),
+        ("optim.betas=[0.9,fast]", "optim.betas"),
+        ("model.patch_size=[1,2]", "model.patch_size"),
+        ("toy.object_size=[0.3]", "toy.object_size"),
+    ],
+)
+def test_tuple_fields_of_the_wrong_length_or_type_name_their_key(override, key, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"config key `{key}`:" in str(err.value) and "$VALUE" not in str(err.value)
+    section, name = override.split("=")[0].split(".")
+    yaml = _write(tmp_path, f"{section}:\n  {name}: {override.split('=')[1]}\n")
+    with pytest.raises(ConfigError, match=rf"config key `{key}`:"):  # the same from a YAML file
+        load_config(yaml)
+
+
+def test_fp16_without_cuda_names_the_key():
+    from engine.config import resolve_dtype
+
+    cfg = load_config(None, ["deepspeed.dtype=fp16"])
+    with pytest.raises(ConfigError, match=r"config key `deepspeed.dtype`: fp16 needs CUDA"):
+        resolve_dtype(cfg, cuda=False)
+    assert str(resolve_dtype(cfg, cuda=True)) == "torch.float16"
+    assert deepspeed_config(cfg, 8, cuda=True)["fp16"]["enabled"]
+
+
+def test_the_toy_micro_batch_must_fit_the_training_clips():
+    with pytest.raises(ConfigError, match=r"config key `optim.micro_batch_size`: 1000 is more than .* 922 training"):
+        load_config(TOY, ["optim.micro_batch_size=1000"])  # 1024 clips, 102 of them val
+    load_config(TOY, ["optim.micro_batch_size=922"])
+
+
+def test_run_dir_must_be_writable(tmp_path):
+    from engine.config import check_run_dir
+
+    (tmp_path / "a_file").write_text("")
+    cfg = load_config(None, [f"logging.run_dir={tmp_path / 'a_file' / 'run'}"])
+    with pytest.raises(ConfigError, match=r"config key `logging.run_dir`: .* is not a writable directory"):
+        check_run_dir(cfg)
+    ok = load_config(None, [f"logging.run_dir={tmp_path / 'new' / 'run'}"])
+    assert check_run_dir(ok).is_dir() and not list(check_run_dir(ok).iterdir())  # created, probe removed

@@ -25,6 +25,7 @@ index ignores it); a cache made before it existed gets it from a re-run of ``lau
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -270,6 +271,59 @@ def read_negative(cache_dir: str | os.PathLike) -> tuple[torch.Tensor, str, int]
         emb = f.get_tensor("emb").float()  # (1, len, dim)
     max_length = int(meta["max_length"])
     return torch.nn.functional.pad(emb, (0, 0, 0, max_length - emb.shape[1])), meta["prompt"], max_length
+
+
+SHARD_TENSORS = {"text": ("emb", "lengths", "index"), "latents": ("latents", "index")}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of a safetensors file, checked against the file without reading any tensor: the header parses, every
+    tensor's byte range fits its dtype and shape, and the file ends where the last tensor does (a truncated or
+    padded file fails). Raises CacheError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise CacheError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing") from None
+    except OSError as exc:
+        raise CacheError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CacheError(f"{path}: its safetensors header does not parse (a damaged file)") from None
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = t["data_offsets"]
+            want = _DTYPE_BYTES.get(t["dtype"], 0) * math.prod(int(d) for d in t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{path}: tensor {name!r} has a damaged header entry") from None
+        if stop - start != want and t["dtype"] in _DTYPE_BYTES:
+            raise CacheError(f"{path}: tensor {name!r} spans {stop - start} bytes, its shape needs {want}")
+        end = max(end, stop)
+    if size != 8 + n + end:
+        raise CacheError(f"{path}: {size} bytes, its header describes {8 + n + end} (truncated or damaged)")
+    return header
+
+
+def verify_shards(cache_dir: str | os.PathLike, kind: str, index: dict[str, Any]) -> None:
+    """Every shard ``index`` lists is present, its header readable and consistent with the file size, holding the
+    tensors of its kind with one row per listed entry. Reads headers only; raises CacheError naming the file."""
+    for shard in index.get("shards", []):
+        path = Path(cache_dir) / kind / shard["file"]
+        header = safetensors_header(path)
+        for name in SHARD_TENSORS[kind]:
+            if name not in header:
+                raise CacheError(f"{path}: no {name!r} tensor (has {sorted(k for k in header if k != '__metadata__')})")
+            rows = header[name]["shape"][0] if header[name]["shape"] else None
+            if rows != len(shard["index"]):
+                raise CacheError(f"{path}: {name!r} has {rows} rows, the index lists {len(shard['index'])}")
 
 
 def read_index(cache_dir: str | os.PathLike, kind: str) -> Optional[dict[str, Any]]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.config import ConfigError
 from engine.data.cache import CacheError, precompute_latents, precompute_text, write_index, write_negative
 from engine.data.manifest import load_manifest
 
@@ -70,11 +72,14 @@ def run_precompute(
     from engine.worlds import build_world
 
     d = cfg.data
-    if not d.manifest or not d.cache_dir:
-        raise ValueError("precompute needs data.manifest and data.cache_dir")
+    for key, value in (("data.manifest", d.manifest), ("data.cache_dir", d.cache_dir)):
+        if not value:
+            raise ConfigError(f"config key `{key}`: required (precompute reads data.manifest into data.cache_dir)")
+    if not Path(d.manifest).is_file():
+        raise ConfigError(f"config key `data.manifest`: {d.manifest} is not a file (set it to the clips' manifest)")
     manifest = load_manifest(d.manifest, d.root)
     if not manifest.entries:
-        raise ValueError(f"{d.manifest}: no usable row ({manifest.skipped.summary()})")
+        raise ConfigError(f"config key `data.manifest`: {d.manifest} has no usable row ({manifest.skipped.summary()})")
     sizes = {"text": text_shard_size, "latents": latent_shard_size}
     prints = _fingerprints(cfg, d.manifest, len(manifest), sizes)
     done = {}

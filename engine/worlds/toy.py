@@ -15,7 +15,33 @@ from engine.worlds.source import TensorSource
 NUM_DEFAULT_SAMPLES = 4  # sample videos of the first val captions when logging.sample_prompts is empty
 
 
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key `{key}`: {msg}")
+
+
+def check_toy_training(cfg: RunConfig, world_size: int) -> None:
+    """What a toy distillation would silently ignore or fail on mid-start, refused naming the key: the toy world
+    renders its own clips (no manifest, no precomputed cache), and each rank's micro-batch must fit its share of the
+    training clips."""
+    d = cfg.data
+    _ignored = "the toy world renders its own clips (toy.*) and would ignore it; drop it or use vae.kind=wan"
+    _require(d.source != "cache", "data.source", f"cache: {_ignored}")
+    _require(not d.cache_dir, "data.cache_dir", f"{d.cache_dir}: {_ignored}")
+    _require(not d.manifest, "data.manifest", f"{d.manifest}: {_ignored}")
+    n_train = cfg.toy.num_clips - cfg.toy.num_val()
+    per_rank = n_train // world_size
+    _require(
+        cfg.optim.micro_batch_size <= per_rank,
+        "optim.micro_batch_size",
+        f"{cfg.optim.micro_batch_size} is more than the {per_rank} toy training clips per rank ({n_train} clips over "
+        f"{world_size} ranks; raise toy.num_clips or lower the batch)",
+    )
+
+
 def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: bool = False) -> World:
+    if training:
+        check_toy_training(cfg, dist.world_size())  # before the dataset is rendered or any model is built
     parts = toy_parts(cfg)
     world = World(
         latent_shape=world_latent_shape(cfg, parts.codec.z_dim),

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError, RunConfig
-from engine.data.cache import CacheError, read_index, read_negative
+from engine.data.cache import CacheError, negative_path, read_index, read_negative, safetensors_header, verify_shards
 from engine.data.source import CacheDataset, build_source
 from engine.train import dist
 from engine.worlds.base import World, latent_shape, world_latent_shape
@@ -63,6 +63,13 @@ def _check_cache(cfg: RunConfig) -> None:
                 f"config key `data.cache_dir`: {Path(d.cache_dir) / kind / 'index.json'} not found: run `{PRECOMPUTE}`"
                 " first (re-running it resumes)"
             )
+        try:  # every shard now, so a missing or truncated one stops the start, not a step hours in
+            verify_shards(d.cache_dir, kind, idx)
+        except CacheError as exc:
+            raise ConfigError(
+                f"config key `data.cache_dir`: {exc}; delete that file and re-run `{PRECOMPUTE}` (it rebuilds only "
+                "missing shards)"
+            ) from exc
     built = index["latents"]["fingerprint"]
     for key in ("num_frames", "height", "width", "fps"):
         if key in built and built[key] != getattr(d, key):
@@ -77,6 +84,8 @@ def _check_cache(cfg: RunConfig) -> None:
             f" {world_latent_shape(cfg)} (model.in_dim, vae.temporal_stride, vae.spatial_stride)"
         )
     try:
+        if negative_path(d.cache_dir).exists():
+            safetensors_header(negative_path(d.cache_dir))
         negative, prompt, max_length = read_negative(d.cache_dir)
     except CacheError as exc:
         raise ConfigError(f"config key `data.cache_dir`: {exc}") from exc

@@ -179,6 +179,34 @@ def test_a_directory_without_caches_names_the_fix(parts, tmp_path):
         wan_world(config(parts, f"data.cache_dir={tmp_path}"), torch.device("cpu"), training=True)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _pad(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+
+
+def _garble_header(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + b"\xff" * 12 + data[20:])
+
+
+@pytest.mark.parametrize("damage", [Path.unlink, _truncate, _pad, _garble_header], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("shard", ["latents/shard-00000.safetensors", "text/shard-00000.safetensors",
+                                   "text/negative.safetensors"])  # fmt: skip
+def test_a_missing_or_damaged_shard_stops_the_start_naming_the_file(parts, tmp_path, damage, shard):
+    """Every shard the index lists is checked (present, header readable, size right) before training starts: not
+    found by a step that reads it hours in."""
+    cache = tmp_path / "cache"
+    shutil.copytree(parts.cache, cache)
+    check_wan_config(config(parts, f"data.cache_dir={cache}"))  # intact
+    damage(cache / shard)
+    with pytest.raises(ConfigError, match=r"config key `data.cache_dir`: .*") as err:
+        check_wan_config(config(parts, f"data.cache_dir={cache}"))
+    assert str(cache / shard) in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
 def test_valid_configs_pass_the_checks(parts):
     check_wan_config(config(parts))
     check_wan_config(config(parts, "data.source=online"))

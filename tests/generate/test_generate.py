@@ -227,6 +227,13 @@ def test_empty_prompt_file(tmp_path, corrupt_deploy, capsys):
     assert f"--prompts: {empty} holds no prompt" in err
 
 
+def test_prompt_file_that_is_not_utf8(tmp_path, corrupt_deploy, capsys):
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("a red circle\na blue caf\u00e9 square\n".encode("latin-1"))
+    err = fails(capsys, tmp_path, "--student", str(corrupt_deploy), "--prompts", str(latin1))
+    assert f"--prompts: {latin1} is not UTF-8 text (byte 0xe9 at line 2)" in err and len(err.splitlines()) == 1
+
+
 def test_missing_prompt_file(tmp_path, corrupt_deploy, capsys):
     err = fails(capsys, tmp_path, "--student", str(corrupt_deploy), "--prompts", str(tmp_path / "nope.txt"))
     assert f"--prompts: {tmp_path / 'nope.txt'} is not a file" in err
