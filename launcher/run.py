@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
     console.setup_logging()
+    from engine.train.checkpoint import TrainCheckpointError
+
     try:
         cfg = load_config(args.config, args.overrides)
         check_run_dir(cfg)  # a run that cannot save stops here, not at its first checkpoint
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"run: {exc}", file=sys.stderr)
         return 2
+    except TrainCheckpointError as exc:  # a checkpoint save ran out of space, or none of them can be resumed
+        print(f"run: error: {exc}", file=sys.stderr)
+        return 1
     if summary.get("rank", 0) == 0:
         done = (
             " (already finished: nothing to train; raise train.max_steps to continue)"

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. interp.steps=100")
     args = p.parse_args(argv)
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
+    from engine.train.checkpoint import TrainCheckpointError
+
     try:
         cfg = load_config(args.config, args.overrides)
         check_run_dir(cfg)  # a run that cannot save stops here, not at its first checkpoint
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InterpolatorError, FileNotFoundError, ValueError) as exc:
         print(f"train_interp: error: {exc}", file=sys.stderr)
         return 2
+    except TrainCheckpointError as exc:  # a checkpoint save ran out of space, or none of them can be resumed
+        print(f"train_interp: error: {exc}", file=sys.stderr)
+        return 1
     if result.step == result.start:
         print(f"nothing to train: the run in {cfg.logging.run_dir} is already at step {result.step}")
     elif result.export_dir is not None:  # rank 0

@@ -35,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         print(evaluate_teacher(cfg, args.eval))
         return 0
-    print(train_teacher(cfg))
+    from engine.train.checkpoint import TrainCheckpointError
+
+    try:
+        print(train_teacher(cfg))
+    except TrainCheckpointError as exc:  # a checkpoint save ran out of space, or none of them can be resumed
+        print(f"train_teacher: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

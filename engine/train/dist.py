@@ -68,6 +68,15 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and world_size() > 1):
         return obj

@@ -46,6 +46,10 @@ class TorchEngine:
         fix_mode(out / "model.safetensors")  # safetensors writes 0600 whatever the umask
         torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
 
+    def checkpoint_files(self, root: str, tag: str) -> list[Path]:
+        """The files :meth:`save_checkpoint` writes (the checkpoint manifest hashes them)."""
+        return [Path(root) / tag / "model.safetensors", Path(root) / tag / "optimizer.pt"]
+
     def load_checkpoint(self, root: str, tag: str):
         src = Path(root) / tag
         if not (src / "model.safetensors").is_file():

@@ -182,11 +182,10 @@ class Loop:
         return path
 
     def resume(self) -> bool:
-        path = ckpt.find_resume(self.ckpt_dir, self.s.resume) if dist.is_main() else None
-        path = dist.broadcast_object(None if path is None else str(path))
+        path = ckpt.select(self.ckpt_dir, self.s.resume, note=self._log)  # collective: verified on every rank
         if path is None:
             return False
-        shared, mine = ckpt.load(Path(path), self.method.engines)
+        shared, mine = ckpt.load(path, self.method.engines)
         self.step, self.in_a_row = int(shared["step"]), int(shared["in_a_row"])
         self.skipped.update(shared["skipped"])
         self.method.load_state_dict(shared["method"])

@@ -11,6 +11,7 @@ def _fake_checkpoint(root, step, teacher):
     path = root / ckpt.step_name(step)
     (path / "trainer").mkdir(parents=True)
     torch.save({"step": step, "teacher": teacher}, path / "trainer" / "shared.pt")
+    ckpt.write_manifest(path, [path / "trainer" / "shared.pt"], step=step)
     (path / ckpt.COMPLETE).write_text(f"{step}\n")
     (root / "latest").write_text(path.name + "\n")
     return path

@@ -203,3 +203,31 @@ def test_a_finished_job_reports_and_builds_nothing(tmp_path, teacher):
     more, _ = launch(tmp_path, teacher, "done", steps=3, every=3, nproc=1)  # a higher max_steps trains on
     assert more.returncode == 0, more.stderr[-3000:]
     assert report(run_dir)["summary"]["step"] == 3 and "finished" not in report(run_dir)["summary"]
+
+
+def test_a_garbled_zero3_shard_falls_back_to_the_older_checkpoint(tmp_path, teacher):
+    """Rank 1's optimizer partition of the newest checkpoint gets other bytes (same size): rank 1 finds it, every rank
+    agrees, the run resumes from the older checkpoint and retraces the first run's steps exactly."""
+    first, run = launch(tmp_path, teacher, "run", steps=8, every=4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = report(run)
+    step8 = run / "checkpoints" / "step_00000008"
+    manifests = [json.loads((step8 / "manifest" / f"rank_{r:05d}.json").read_text()) for r in (0, 1)]
+    for role in ("generator", "critic"):  # each rank hashed its own ZeRO-3 partitions
+        for r in (0, 1):
+            assert f"{role}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in manifests[r]["files"]
+            assert f"{role}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" in manifests[r]["files"]
+    assert "trainer/rank_00001.pt" in manifests[1]["files"] and "trainer/shared.pt" in manifests[0]["files"]
+    shard = step8 / "critic" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[-4096:-2048] = bytes(2048)
+    shard.write_bytes(bytes(data))
+    resumed, _ = launch(tmp_path, teacher, "run", steps=8, every=4, overrides=["train.max_steps=10"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run / "train.log").read_text()
+    assert f"checkpoint step_00000008 does not verify, skipped: {shard} is corrupt" in log
+    assert "resuming from step_00000004, the newest checkpoint that verifies" in log
+    after = report(run)
+    assert [r["step"] for r in after["rows"]] == list(range(5, 11))
+    for a, b in zip([r for r in before["rows"] if r["step"] >= 5], after["rows"]):  # steps 5-8 again, exactly
+        assert a["losses"] == b["losses"], (a["step"], a["losses"], b["losses"])
