@@ -21,7 +21,7 @@ from engine.distill.samples import world_sampler
 from engine.models.checkpoint import weights_fingerprint
 from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
 from engine.train import checkpoint as ckpt
-from engine.train import dist
+from engine.train import dist, runlock
 from engine.train.loop import Loop, LoopSettings
 from engine.worlds import World, build_world, kind_of
 
@@ -84,6 +84,11 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
         return done
     dist.init()
     check_world_size(cfg, dist.world_size())
+    with runlock.hold(cfg.logging.run_dir):  # one job per run directory; refused before anything is written
+        return _run(cfg, make_world, on_step, model_cfg, interp, teacher_id)
+
+
+def _run(cfg: RunConfig, make_world: WorldFactory, on_step, model_cfg, interp: Path | None, teacher_id) -> dict:
     device = dist.device()
     if dist.is_main():
         save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")

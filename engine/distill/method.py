@@ -4,6 +4,11 @@ The method owns the roles, the losses, the 5:1 schedule and its random generator
 applies the updates it yields, checkpoints and logs. Every random draw takes an explicit generator: ``rng`` (per rank:
 noise, timesteps) and ``shared`` (identical on every rank: the backward-simulation exit step, because under ZeRO-3
 every rank must run the same number of forwards).
+
+Non-finite values are never papered over: a non-finite teacher or critic score makes the DMD term, hence the
+generator loss, non-finite (engine/losses/dmd.py), and the loop skips that update, naming the branch from
+``Update.checks`` (teacher_score, critic_score, loss_reg, loss_temp, ...). The regression EMA moves only with a
+generator update the loop applied (committed after the ``yield``, when ``Update.applied`` is known).
 """
 
 from __future__ import annotations
@@ -61,8 +66,11 @@ class DMDMethod:
         """The critic updates every step; on generator steps the generator updates first (the loop applies each
         update before the next is computed, so the critic then trains on the updated generator's samples)."""
         if self.is_generator_step(step):
-            loss, metrics = self.generator_losses(batch, self.rng, self.shared)
-            yield Update("generator", loss, metrics)
+            loss, metrics, checks, pending = self.generator_losses(batch, self.rng, self.shared)
+            update = Update("generator", loss, metrics, checks)
+            yield update
+            if update.applied and pending is not None:  # a skipped update leaves the regression EMA as it was
+                self.regression.commit(pending)
         loss, metrics = self.critic_loss(batch, self.rng, self.shared)
         yield Update("critic", loss, metrics)
 
@@ -115,8 +123,9 @@ class DMDMethod:
 
     # -- the two updates -------------------------------------------------------------------------------------------
 
-    def generator_losses(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict]:
-        """L_G = L_DMD + w_reg * w * L_reg + w_temp * L_temp (Eq. 9) from one generator forward over both branches."""
+    def generator_losses(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict, dict, tuple | None]:
+        """L_G = L_DMD + w_reg * w * L_reg + w_temp * L_temp (Eq. 9) from one generator forward over both branches.
+        Returns (loss, metrics, checks: the finiteness of each part as device bools, the pending regression EMA)."""
         m = self.cfg.method
         with self.timer("rollout"):
             x_k, s_k = self._rollout_input(batch.prompts, rng, shared)
@@ -135,18 +144,22 @@ class DMDMethod:
         x = x0[: x_k.shape[0]]  # generator samples, DMD branch (B, C, F, H, W)
         zero = x.new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
-        loss_dmd = zero
+        checks: dict[str, torch.Tensor] = {"generator_sample": torch.isfinite(x).all()}
+        loss_dmd, pending = zero, None
         if m.dmd.enabled:
             real_x0, fake_x0 = self._scores(x.detach(), batch.prompts, rng)
+            checks.update(teacher_score=torch.isfinite(real_x0).all(), critic_score=torch.isfinite(fake_x0).all())
             loss_dmd, grad = dmd_loss(x, real_x0, fake_x0)
             metrics["dmd_grad_norm"] = grad.norm()
+            checks["loss_dmd"] = torch.isfinite(loss_dmd)
         loss_temp, variance = temporal_regularization(x, m.temporal.eps, m.temporal.power, m.temporal.tau)
         if not m.temporal.enabled:
             loss_temp = zero
         loss_reg = zero
         if use_reg:
             with self.timer("regression"):
-                loss_reg, info = self.regression(x0[x_k.shape[0] :], y, t_idx, dist.all_reduce_sum)
+                loss_reg, info = self.regression(x0[x_k.shape[0] :], y, t_idx, dist.all_reduce_sum, commit=False)
+            pending = info["pending"]
             metrics.update(reg_weight_mean=info["weights"].mean(), reg_loss_raw=info["per_sample"].mean())
             for k, t in enumerate(self.cfg.diffusion.student_timesteps):
                 sel = (t_idx == k).float()  # mean adaptive weight of this timestep's samples (0 when none)
@@ -154,7 +167,8 @@ class DMDMethod:
         total = m.dmd.weight * loss_dmd + m.regression.weight * loss_reg + m.temporal.weight * loss_temp
         metrics.update(loss_dmd=loss_dmd.detach(), loss_reg=loss_reg.detach(), loss_temp=loss_temp.detach())
         metrics.update(temporal_variance=variance.detach(), loss_generator=total.detach())
-        return total, metrics
+        checks.update({k: torch.isfinite(v).all() for k, v in (("loss_reg", loss_reg), ("loss_temp", loss_temp))})
+        return total, metrics, checks, pending
 
     def critic_loss(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict]:
         """Flow matching of the critic on fresh generator samples (Eq. 2)."""

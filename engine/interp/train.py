@@ -27,7 +27,7 @@ from engine.config import RunConfig, save_config
 from engine.config import deepspeed_config as run_deepspeed_config
 from engine.interp.data import LatentSource
 from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, load_interpolator, save_interpolator
-from engine.train import dist
+from engine.train import dist, runlock
 from engine.train.loop import Loop, LoopSettings, Update
 from engine.train.timer import PhaseTimer
 
@@ -233,6 +233,11 @@ def train_interp(cfg: RunConfig, source: LatentSource, *, export_dir: str | Path
     ``<run_dir>/interpolator``).
     """
     dist.init()
+    with runlock.hold(cfg.logging.run_dir):  # one job per run directory
+        return _train_interp(cfg, source, export_dir)
+
+
+def _train_interp(cfg: RunConfig, source: LatentSource, export_dir: str | Path | None) -> InterpRun:
     world = dist.world_size()
     run_dir = Path(cfg.logging.run_dir)
     mb, accum = micro_batch(cfg, world)

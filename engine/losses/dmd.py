@@ -11,11 +11,19 @@ import torch
 
 
 def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
-    """(f - r) / mean_{C,F,H,W} |x - r| per sample, non-finite entries zeroed. All (B, C, F, H, W); fp32 out."""
+    """(f - r) / mean_{C,F,H,W} |x - r| per sample; a sample with a zero normalizer (x == r: the teacher already
+    predicts the sample, no direction to push) gets zero. All (B, C, F, H, W); fp32 out.
+
+    Only that 0 division is zeroed. A non-finite score (teacher or critic x0 prediction) or sample stays non-finite:
+    zeroing it would turn a broken teacher or critic into a silent loss_dmd = 0 and an update that trains the generator
+    on the other terms alone; non-finite, the loss makes the loop skip the generator update, count it and say which
+    score it was (engine/distill/method.py)."""
     x, r, f = x.float(), real_x0.float(), fake_x0.float()
     dims = tuple(range(1, x.ndim))
     normalizer = (x - r).abs().mean(dim=dims, keepdim=True)  # (B, 1, 1, 1, 1)
-    return torch.nan_to_num((f - r) / normalizer, nan=0.0, posinf=0.0, neginf=0.0)
+    degenerate = normalizer == 0
+    grad = (f - r) / torch.where(degenerate, torch.ones_like(normalizer), normalizer)
+    return torch.where(degenerate & torch.isfinite(f - r), torch.zeros_like(grad), grad)
 
 
 def dmd_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,10 @@ w_s = 1 - sigmoid(kappa (L_s - Lbar_k)), with Lbar_k the EMA *before* this step'
 released code updates first: we follow the paper). A timestep seen for the first time has no EMA yet: its weight uses
 Lbar = L_s (w = 0.5), and its batch mean initializes the EMA. Then Lbar_k <- a Lbar_k + (1 - a) mean_{s: k_s = k} L_s,
 the means taken over all ranks (sums and counts all-reduced) so every rank holds the same cache. No host sync.
+
+The cache should follow the updates that reached the weights only: ``forward(..., commit=False)`` computes the new
+cache (with its all-reduce, at the same point of every rank's step) and returns it as ``info["pending"]``;
+:meth:`commit` folds it in once the trainer applied the update, and a skipped update just drops it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class AdaptiveRegressionLoss(nn.Module):
     @torch.no_grad()
     def update(self, losses: torch.Tensor, t_index: torch.Tensor, all_reduce: AllReduce | None = None) -> None:
         """Fold this step's per-timestep mean losses (over every rank) into the EMA."""
+        self.commit(self.pending(losses, t_index, all_reduce))
+
+    @torch.no_grad()
+    def pending(
+        self, losses: torch.Tensor, t_index: torch.Tensor, all_reduce: AllReduce | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (ema, seen) this step's per-timestep mean losses (over every rank) lead to; nothing changes yet."""
         n = self.ema.numel()
         losses = losses.detach().float()
         valid = torch.isfinite(losses)  # a non-finite sample (its step gets skipped) must not poison the cache
@@ -52,15 +63,30 @@ class AdaptiveRegressionLoss(nn.Module):
         present = stats[1] > 0
         mean = stats[0] / stats[1].clamp(min=1)
         blended = torch.where(self.seen, self.decay * self.ema + (1 - self.decay) * mean, mean)
-        self.ema.copy_(torch.where(present, blended, self.ema))
-        self.seen.logical_or_(present)
+        return torch.where(present, blended, self.ema), self.seen | present
+
+    @torch.no_grad()
+    def commit(self, pending: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Make a :meth:`pending` cache the current one."""
+        ema, seen = pending
+        self.ema.copy_(ema)
+        self.seen.copy_(seen)
 
     def forward(
-        self, pred: torch.Tensor, target: torch.Tensor, t_index: torch.Tensor, all_reduce: AllReduce | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted loss mean_s(w_s L_s) and diagnostics; updates the EMA after computing the weights."""
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        t_index: torch.Tensor,
+        all_reduce: AllReduce | None = None,
+        commit: bool = True,
+    ) -> tuple[torch.Tensor, dict]:
+        """Weighted loss mean_s(w_s L_s) and diagnostics; updates the EMA after computing the weights, or with
+        ``commit=False`` leaves it as it is and returns the new one as ``info["pending"]`` (for :meth:`commit`)."""
         losses = per_sample_mse(pred, target)  # (B,)
         w = self.weights(losses, t_index)
         loss = (w * losses).mean()
-        self.update(losses, t_index, all_reduce)
-        return loss, {"per_sample": losses.detach(), "weights": w.detach()}
+        pending = self.pending(losses, t_index, all_reduce)
+        if commit:
+            self.commit(pending)
+        info = {"per_sample": losses.detach(), "weights": w.detach()}
+        return loss, info if commit else {**info, "pending": pending}

@@ -19,7 +19,9 @@ from engine.config import ModelConfig, ToyTeacherConfig
 from engine.diffusion.flow import FlowSchedule
 from engine.models.checkpoint import save_weights
 from engine.models.wan import WanModel
+from engine.train import runlock
 from engine.train.engines import TorchEngine
+from engine.train.guards import NonFiniteWeightsError, weights_finite
 from engine.train.loop import Loop, LoopSettings, Update
 from engine.train.timer import PhaseTimer
 
@@ -91,6 +93,9 @@ class TeacherTrainer:
         return {}
 
     def export(self) -> Path:
+        """The EMA weights in the diffusers layout; refused (NonFiniteWeightsError) when they are not finite."""
+        if not weights_finite([self.ema]):
+            raise NonFiniteWeightsError(f"non-finite teacher EMA weights: export to {self.cfg.export_dir} refused")
         return save_weights(self.ema, self.model_cfg, self.cfg.export_dir)
 
     # -- training --------------------------------------------------------------------------------------------------
@@ -115,8 +120,10 @@ class TeacherTrainer:
             group["lr"] = lr
         x0, context = self._batch()
         loss = flow_matching_loss(self.model, x0, context, self.schedule, self.rng)
-        yield Update("teacher", loss, {"loss": loss.detach(), "lr": torch.tensor(lr)})
-        self._update_ema(step + 1)  # after the loop applied the update
+        update = Update("teacher", loss, {"loss": loss.detach(), "lr": torch.tensor(lr)})
+        yield update
+        if update.applied:  # after the loop applied the update; a skipped one leaves the average alone
+            self._update_ema(step + 1)
 
     def run(self, progress: bool = True) -> dict:
         settings = LoopSettings(
@@ -129,8 +136,9 @@ class TeacherTrainer:
             tensorboard=False,
         )
         t0 = time.time()
-        loop = Loop(settings, self)
-        summary = loop.run()
+        with runlock.hold(self.out):  # one job per output directory
+            loop = Loop(settings, self)
+            summary = loop.run()
         loss = loop.history[-1]["loss"] if loop.history else None
         return {
             "resumed": loop.resumed_from is not None,

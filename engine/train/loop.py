@@ -7,14 +7,20 @@ update of the same step sees the earlier one applied (DMD2's critic trains on th
 method owns its engines, its schedule (which roles update at a step, e.g. the 5:1 rule) and its state (random
 generators, EMA caches); the loop checkpoints all of it and resumes it exactly.
 
-A non-finite loss skips that update on every rank (counted per role, logged); ``max_nonfinite_in_a_row`` of them in a
-row stop the run. Metrics stay on the device and reach the host at log steps, as means over the window and the ranks.
+A non-finite loss, or a non-finite gradient norm at the optimizer step (engine/train/guards.py), skips that update on
+every rank: counted per role and per cause, logged (with the parts of the loss that were not finite, when the method
+names them in ``Update.checks``); ``max_nonfinite_in_a_row`` skipped updates of one role in a row stop the run (each
+role counts its own: a critic that trains fine does not hide a generator that never does). The loop sets
+``Update.applied`` before it asks the method for the next update, so a method commits state that belongs to an applied
+update only (the regression EMA) after the ``yield``. Non-finite weights are never checkpointed or exported: the run
+stops with :class:`engine.train.guards.NonFiniteWeightsError` and the previous checkpoint stays ``latest``. Metrics
+stay on the device and reach the host at log steps, as means over the window and the ranks.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,13 +29,13 @@ import torch
 
 from engine.config import RunConfig
 from engine.train import checkpoint as ckpt
-from engine.train import dist
+from engine.train import dist, guards
 from engine.train.observe import Observer
 from engine.train.timer import PhaseTimer
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive updates had a non-finite loss."""
+    """Too many consecutive updates of one role were skipped (non-finite loss or gradient norm)."""
 
 
 @dataclass
@@ -39,6 +45,11 @@ class Update:
     role: str
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    checks: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named parts of the loss (device bool scalars: finite on this rank), read only when the loss is not finite, to
+    say which part was not (e.g. the teacher's or the critic's score)."""
+    applied: bool | None = None
+    """Set by the loop before the method resumes: whether this update reached the weights."""
 
 
 class Method(Protocol):
@@ -157,7 +168,8 @@ class Loop:
         self.ckpt_dir = Path(settings.run_dir) / "checkpoints"
         self.step = 0
         self.skipped = {role: 0 for role in method.engines}
-        self.in_a_row = 0
+        self.in_a_row = {role: 0 for role in method.engines}  # consecutive skipped updates, per role
+        self.nonfinite: dict[str, dict[str, int]] = {role: {} for role in method.engines}  # role -> cause -> count
         self.history: list[dict[str, float]] = []  # one row per log step: {"step", metric means}
         self.resumed_from: Path | None = None
         self.observer = Observer(settings, method) if dist.is_main() else None
@@ -167,13 +179,30 @@ class Loop:
 
     def _shared_state(self) -> dict:
         state = {"step": self.step, "method": self.method.state_dict(), "skipped": dict(self.skipped)}
-        return {**state, "in_a_row": self.in_a_row, **self.meta}
+        nonfinite = {role: dict(c) for role, c in self.nonfinite.items()}
+        return {**state, "in_a_row": dict(self.in_a_row), "nonfinite": nonfinite, **self.meta}
 
     def _rank_state(self) -> dict:
         data = self.source.state_dict() if self.source is not None else {}
         return {"method": self.method.rank_state_dict(), "data": data, "rank": dist.rank()}
 
+    def _check_weights(self, what: str) -> None:
+        """Collective: raise NonFiniteWeightsError (after one log line) when a trained role's weights are not
+        finite on some rank; nothing is written then."""
+        bad = guards.nonfinite_roles(self.method.engines)
+        if bad:
+            msg = f"step {self.step}: non-finite weights in {', '.join(bad)}: {what} refused"
+            if what == "checkpoint":
+                msg += f" (the previous checkpoint stays `latest`: {self._latest()})"
+            self._log(msg)
+            raise guards.NonFiniteWeightsError(msg)
+
+    def _latest(self) -> str:
+        latest = self.ckpt_dir / "latest"
+        return latest.read_text().strip() if latest.is_file() else "none"
+
     def save(self) -> Path:
+        self._check_weights("checkpoint")
         path = ckpt.save(
             self.ckpt_dir, self.step, self.method.engines, self._shared_state(), self._rank_state(), self.s.keep_last
         )
@@ -186,8 +215,10 @@ class Loop:
         if path is None:
             return False
         shared, mine = ckpt.load(path, self.method.engines)
-        self.step, self.in_a_row = int(shared["step"]), int(shared["in_a_row"])
+        self.step = int(shared["step"])
         self.skipped.update(shared["skipped"])
+        self.in_a_row.update(shared["in_a_row"])
+        self.nonfinite.update({role: dict(c) for role, c in shared.get("nonfinite", {}).items()})
         self.method.load_state_dict(shared["method"])
         self.method.load_rank_state_dict(mine["method"])
         if self.source is not None:
@@ -202,23 +233,54 @@ class Loop:
 
     # -- one step --------------------------------------------------------------------------------------------------
 
+    def _bad_checks(self, update: Update) -> list[str]:
+        """Collective (only on the skip path, which every rank takes together): the named parts of the loss that
+        were not finite on some rank."""
+        if not update.checks:
+            return []
+        names = sorted(update.checks)
+        bad = torch.stack([(~update.checks[k].detach().reshape(()).bool()).float() for k in names])
+        bad = dist.all_reduce_sum(bad.to(dist.device())).tolist()
+        return [k for k, v in zip(names, bad) if v > 0]
+
+    def _skip(self, role: str, cause: str, parts: Sequence[str] = ()) -> None:
+        """Count a skipped update of ``role`` (``cause``: "loss" or "grad_norm"; ``parts``: the loss's non-finite
+        parts), log it, stop the run after ``max_nonfinite_in_a_row`` of them in a row."""
+        self.skipped[role] += 1
+        self.in_a_row[role] += 1
+        for key in (cause, *parts):
+            self.nonfinite[role][key] = self.nonfinite[role].get(key, 0) + 1
+        what = {"loss": "loss", "grad_norm": "gradient norm"}[cause]
+        detail = f" ({', '.join(parts)})" if parts else ""
+        self._log(f"step {self.step}: non-finite {role} {what}{detail}, update skipped on all ranks")
+        n = self.in_a_row[role]
+        if n >= self.s.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"{n} consecutive {role} updates were skipped for a non-finite loss or gradient norm "
+                f"(train.max_nonfinite_in_a_row={self.s.max_nonfinite_in_a_row})"
+            )
+
     def _apply(self, update: Update) -> bool:
-        """backward + step when the loss is finite on every rank; otherwise skip everywhere and count it."""
+        """backward + step when the loss is finite on every rank and the gradient norm at the optimizer step too;
+        otherwise skip everywhere (the gradients discarded) and count it."""
         engine, loss, role = self.method.engines[update.role], update.loss, update.role
         if not dist.all_true(bool(torch.isfinite(loss).item()), device=loss.device):
-            self.skipped[role] += 1
-            self.in_a_row += 1
-            self._log(f"step {self.step}: non-finite {role} loss, update skipped on all ranks")
-            if self.in_a_row >= self.s.max_nonfinite_in_a_row:
-                raise NonFiniteLossError(
-                    f"{self.in_a_row} consecutive updates had a non-finite loss (train.max_nonfinite_in_a_row)"
-                )
+            self._skip(role, "loss", self._bad_checks(update))
             return False
-        self.in_a_row = 0
+        boundary = guards.at_boundary(engine)
         with self.method.timer(f"{role}_backward"):
             engine.backward(loss)
+        own_check = boundary and not guards.deepspeed_guards(engine)
+        if own_check and not dist.all_true(guards.local_grads_finite(engine), device=loss.device):
+            guards.discard_step(engine)
+            self._skip(role, "grad_norm")
+            return False
         with self.method.timer("optimizer"):
             engine.step()
+        if boundary and not guards.step_applied(engine):  # DeepSpeed's own check discarded the step
+            self._skip(role, "grad_norm")
+            return False
+        self.in_a_row[role] = 0
         return True
 
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -228,7 +290,8 @@ class Loop:
                 batch = self.source.next_batch()
         metrics: dict[str, torch.Tensor] = {}
         for update in self.method.updates(self.step, batch):
-            if self._apply(update) and hasattr(self.method.engines[update.role], "get_global_grad_norm"):
+            update.applied = self._apply(update)  # before the method resumes (it may commit state then)
+            if update.applied and hasattr(self.method.engines[update.role], "get_global_grad_norm"):
                 norm = self.method.engines[update.role].get_global_grad_norm()
                 if norm is not None:  # DeepSpeed knows it at the accumulation boundary only
                     update.metrics[f"grad_norm_{update.role}"] = torch.as_tensor(float(norm))
@@ -244,6 +307,9 @@ class Loop:
         self.history.append({"step": step, **means, "samples_per_s": samples_s})
         if self.observer:
             skipped = {f"skipped/{k}": float(v) for k, v in self.skipped.items()}
+            skipped |= {
+                f"nonfinite/{r}/{c}": float(n) for r, causes in self.nonfinite.items() for c, n in causes.items()
+            }
             self.observer.log(step, means, {**extra, "perf/samples_per_s": samples_s, **skipped})
 
     # -- the loop --------------------------------------------------------------------------------------------------
@@ -281,8 +347,10 @@ class Loop:
             if self.sampler and ran and last_sampled != self.step:
                 self.sampler(self.step)
             if self.exporter and (ran or not (self.export_done and self.export_done())):
+                self._check_weights("export")
                 self.exporter()
         finally:
             if self.observer:
                 self.observer.close()
-        return {"step": self.step, "start": first_step, "skipped": dict(self.skipped), "rank": dist.rank()}
+        summary = {"step": self.step, "start": first_step, "skipped": dict(self.skipped), "rank": dist.rank()}
+        return {**summary, "nonfinite": {role: dict(c) for role, c in self.nonfinite.items()}}

@@ -2,8 +2,15 @@
 
     torchrun --nproc_per_node 2 tests/distill/ds_worker.py RUN.yaml [overrides...]
 
-Writes <run_dir>/report.json on rank 0 (per-step losses, which roles changed at each step, the fraction of each
-parameter held locally) and <run_dir>/final_weights.pt (full generator and critic weights after the last step).
+Writes <run_dir>/report.json on rank 0 (per-step losses, which roles changed at each step, the regression EMA after
+each step, the fraction of each parameter held locally) and <run_dir>/final_weights.pt (full generator and critic
+weights after the last step).
+
+Faults, by environment variable (steps are the loop's 0-based step index, as in NAN_BATCHES):
+    NAN_BATCHES=0,10            real latents of these batches are NaN
+    NAN_GRADS=critic:2,...      that role's backward at that step yields NaN gradients (its loss stays finite)
+    NAN_SCORES=teacher:5,...    that role's (teacher or critic) score at that step is NaN
+    POISON_WEIGHTS=generator:3:1  after step 3, rank 1's partition of the generator's first weight becomes NaN
 """
 
 import json
@@ -56,6 +63,53 @@ def make_world(cfg, device):
     return World(source=source, uncond=torch.zeros(1, *CTX), latent_shape=LATENT)
 
 
+def _faults(name):
+    """NAME=role:step[:rank],... -> [(role, step, rank or None)]."""
+    out = []
+    for item in filter(None, os.environ.get(name, "").split(",")):
+        role, step, *rank = item.split(":")
+        out.append((role, int(step), int(rank[0]) if rank else None))
+    return out
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: the loss stays finite, every gradient through it is NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def install_faults(trainer):
+    modules = _modules(trainer)
+    for env, poison in (("NAN_GRADS", _NanGrad.apply), ("NAN_SCORES", lambda out: out * float("nan"))):
+        by_role = {}
+        for role, step, _ in _faults(env):
+            by_role.setdefault(role, set()).add(step)
+        for role, steps in by_role.items():
+
+            def hook(module, inputs, output, steps=steps, poison=poison, grads=env == "NAN_GRADS"):
+                if trainer.step in steps and (torch.is_grad_enabled() or not grads):
+                    return poison(output)
+                return output
+
+            modules[role].register_forward_hook(hook)
+
+
+def poison_weights(trainer):
+    for role, step, rank in _faults("POISON_WEIGHTS"):
+        if trainer.step == step and rank in (None, dist.rank()):
+            with torch.no_grad():
+                local = next(
+                    t for p in _modules(trainer)[role].parameters() if (t := getattr(p, "ds_tensor", p)).numel()
+                )
+                local.fill_(float("nan"))
+
+
 def _modules(trainer):
     roles = trainer.method.roles
     return {"generator": roles.generator.module, "critic": roles.critic.module, "teacher": roles.teacher.module}
@@ -93,6 +147,10 @@ class Recorder:
         self.run_dir, self.prev, self.rows, self.zero3_vs_plain = run_dir, None, [], None
 
     def __call__(self, trainer, metrics):
+        if metrics is None:
+            install_faults(trainer)
+        else:
+            poison_weights(trainer)
         now = {k: _local(m) for k, m in _modules(trainer).items()}
         if metrics is None and trainer.step == 0:  # fresh start: the partitioned model computes what a plain one does
             self.zero3_vs_plain = _zero3_vs_plain(trainer)
@@ -107,7 +165,8 @@ class Recorder:
                 flag = torch.tensor([0.0 if torch.equal(now[k], self.prev[k]) else 1.0])
                 changed[k] = bool(dist.all_reduce_sum(flag).item() > 0)
             losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
-            self.rows.append({"step": trainer.step, "changed": changed, "losses": losses})
+            ema = trainer.method.regression.ema.tolist()
+            self.rows.append({"step": trainer.step, "changed": changed, "losses": losses, "reg_ema": ema})
         self.prev = now
         if trainer.step == trainer.cfg.train.max_steps and metrics is not None:
             full = {k: _full(m) for k, m in _modules(trainer).items() if k != "teacher"}

@@ -231,3 +231,82 @@ def test_a_garbled_zero3_shard_falls_back_to_the_older_checkpoint(tmp_path, teac
     assert [r["step"] for r in after["rows"]] == list(range(5, 11))
     for a, b in zip([r for r in before["rows"] if r["step"] >= 5], after["rows"]):  # steps 5-8 again, exactly
         assert a["losses"] == b["losses"], (a["step"], a["losses"], b["losses"])
+
+
+def _finite_weights(run_dir):
+    weights = torch.load(run_dir / "final_weights.pt")
+    return all(torch.isfinite(t).all() for role in weights.values() for t in role.values())
+
+
+@pytest.mark.parametrize("nproc,zero_stage", [(2, 3), (1, 0)])
+def test_non_finite_gradients_and_scores_skip_the_update(tmp_path, teacher, nproc, zero_stage):
+    # step 2: the critic's gradients are NaN (its loss is finite); step 5 (a generator step): the teacher's score is NaN
+    env = {"NAN_GRADS": "critic:2", "NAN_SCORES": "teacher:5"}
+    overrides = [f"deepspeed.zero_stage={zero_stage}"]
+    proc, run_dir = launch(tmp_path, teacher, "guards", steps=7, every=7, nproc=nproc, env=env, overrides=overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = report(run_dir)
+    assert rep["summary"]["skipped"] == {"generator": 1, "critic": 1}
+    assert rep["summary"]["nonfinite"] == {
+        "generator": {"loss": 1, "teacher_score": 1, "loss_dmd": 1},
+        "critic": {"grad_norm": 1},
+    }
+    rows = rep["rows"]
+    assert [r["changed"]["critic"] for r in rows] == [True, True, False, True, True, True, True]
+    assert [r["changed"]["generator"] for r in rows] == [True, False, False, False, False, False, False]
+    # the regression EMA moved with the applied generator update (step 0) only, not with the skipped one (step 5)
+    assert rows[0]["reg_ema"] != [0.0] * len(rows[0]["reg_ema"])
+    assert all(r["reg_ema"] == rows[0]["reg_ema"] for r in rows)
+    assert _finite_weights(run_dir)  # the NaN gradients did not leak into a later update
+    log = (run_dir / "train.log").read_text()
+    assert "step 2: non-finite critic gradient norm, update skipped on all ranks" in log
+    assert "step 5: non-finite generator loss (loss_dmd, teacher_score), update skipped on all ranks" in log
+
+
+def test_a_generator_that_never_updates_stops_the_run_though_the_critic_trains(tmp_path, teacher):
+    env = {"NAN_GRADS": "generator:0,generator:5"}
+    proc, _ = launch(
+        tmp_path, teacher, "gen-stop", steps=8, every=8, nproc=1, env=env,
+        overrides=["train.max_nonfinite_in_a_row=2"],
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "2 consecutive generator updates were skipped" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_non_finite_weights_are_never_saved_or_exported(tmp_path, teacher):
+    # after step 4, rank 1's partition of the generator goes NaN (rank 0's stays finite: the ranks must agree)
+    env = {"POISON_WEIGHTS": "generator:4:1"}
+    proc, run_dir = launch(tmp_path, teacher, "poison", steps=6, every=2, env=env)
+    assert proc.returncode != 0
+    assert "non-finite weights in generator: checkpoint refused" in proc.stderr, proc.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert not (run_dir / "export").exists()
+    assert "non-finite weights in generator" in (run_dir / "train.log").read_text()
+
+
+def test_one_job_per_run_directory(tmp_path, teacher):
+    import fcntl
+
+    from engine.train.runlock import LOCK_NAME
+
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir()
+    with open(run_dir / LOCK_NAME, "w") as held:  # a live job holds the directory
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(json.dumps({"host": "node-7", "pid": os.getpid(), "started": "2026-01-01T00:00:00"}) + "\n")
+        held.flush()
+        proc, _ = launch(tmp_path, teacher, "locked", steps=1, every=1, nproc=1)
+    assert proc.returncode != 0
+    assert f"is in use by another job (host node-7 pid {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+    # a lock left by a process that is gone is taken over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = __import__("socket").gethostname()
+    (run_dir / LOCK_NAME).write_text(json.dumps({"host": host, "pid": dead.pid, "started": "then"}) + "\n")
+    proc, _ = launch(tmp_path, teacher, "locked", steps=1, every=1, nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"took over the stale lock of {run_dir} (host {host} pid {dead.pid}" in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").is_file() and not (run_dir / LOCK_NAME).exists()

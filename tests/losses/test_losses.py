@@ -30,7 +30,19 @@ def test_dmd_normalizer_is_per_sample_and_finite():
     fake = torch.ones_like(x)
     grad = dmd_gradient(x, real, fake)
     torch.testing.assert_close(grad[0], torch.ones_like(grad[0]))  # (1 - 0) / mean|1 - 0|
-    torch.testing.assert_close(grad[1], torch.zeros_like(grad[1]))  # 1 / 0 -> inf -> zeroed by nan_to_num
+    torch.testing.assert_close(grad[1], torch.zeros_like(grad[1]))  # 1 / 0: no direction, zeroed
+
+
+@pytest.mark.parametrize("which", ["real", "fake", "x"])
+def test_dmd_non_finite_scores_make_the_loss_non_finite(which):
+    """A NaN/inf teacher or critic score (or sample) is not silently zeroed: the loss is non-finite, so the
+    trainer skips the generator update and says which score it was."""
+    x = _v([1.0, 2.0, 3.0, 4.0])
+    inputs = {"x": x, "real": torch.zeros_like(x), "fake": torch.ones_like(x)}
+    inputs[which] = inputs[which].clone()
+    inputs[which].view(-1)[1] = float("nan") if which != "fake" else float("inf")
+    loss, grad = dmd_loss(inputs["x"], inputs["real"], inputs["fake"])
+    assert not torch.isfinite(loss) and not torch.isfinite(grad).all()
 
 
 def test_critic_flow_loss_by_hand():
@@ -86,6 +98,18 @@ def test_regression_not_adaptive_is_plain_mse_and_all_reduce_is_used():
     assert loss.item() == pytest.approx((1 + 9) / 2)
     assert len(calls) == 1 and calls[0].shape == (2, 2)
     torch.testing.assert_close(reg.ema, torch.tensor([0.0, 5.0]))  # (2 * 10) / (2 * 2)
+
+
+def test_regression_pending_ema_moves_only_when_committed():
+    reg = AdaptiveRegressionLoss(num_timesteps=2)
+    pred, t_idx = torch.tensor([[1.0], [3.0]]).reshape(2, 1, 1, 1, 1), torch.tensor([0, 1])
+    eager = AdaptiveRegressionLoss(num_timesteps=2)
+    want_loss, _ = eager(pred, torch.zeros_like(pred), t_idx)
+    loss, info = reg(pred, torch.zeros_like(pred), t_idx, commit=False)
+    assert loss.item() == want_loss.item()
+    assert reg.ema.tolist() == [0.0, 0.0] and not reg.seen.any()  # a skipped update: nothing changed
+    reg.commit(info["pending"])  # an applied one: the same cache as the eager update
+    assert torch.equal(reg.ema, eager.ema) and torch.equal(reg.seen, eager.seen)
 
 
 def test_regression_state_round_trips():

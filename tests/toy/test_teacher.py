@@ -83,3 +83,35 @@ def test_resume_is_exact_and_export_holds_the_ema(tmp_path):
     for (n, a), (_, b) in zip(model.named_parameters(), second.ema.named_parameters()):
         assert torch.equal(a, b), n
     assert not torch.equal(second.ema.head.head.weight, second.model.head.head.weight)  # the average, not the last
+
+
+def test_a_held_output_directory_refuses_a_second_teacher_run(tmp_path):
+    from engine.train.runlock import RunDirBusyError, RunLock
+
+    trainer = _trainer(tmp_path, 2)
+    lock = RunLock.acquire(trainer.out)
+    try:
+        with pytest.raises(RunDirBusyError, match="in use by another job"):
+            trainer.run(progress=False)
+    finally:
+        lock.release()
+    assert not (trainer.out / "checkpoints").exists()
+
+
+def test_non_finite_teacher_weights_are_not_checkpointed_or_exported(tmp_path):
+    from engine.train.guards import NonFiniteWeightsError
+
+    first = _trainer(tmp_path, 3)
+    first.run(progress=False)  # a good checkpoint at step 3
+    again = _trainer(tmp_path, 6)
+    again.cfg.lr = float("inf")  # the first update after the resume makes every weight non-finite
+    with pytest.raises(NonFiniteWeightsError, match="non-finite weights in teacher: checkpoint refused"):
+        again.run(progress=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000003"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003"]
+    with torch.no_grad():
+        again.ema.head.head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteWeightsError, match="export"):
+        again.export()
+    assert not (tmp_path / "run" / "export").exists()
