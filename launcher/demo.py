@@ -10,6 +10,7 @@ layout) and metrics.md (real clips vs teacher vs student). Re-running skips what
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as exc:  # the distillation job said why above; point at its log
+        print(f"demo: error: the distillation job failed (exit {exc.returncode}); see {args.run_dir}/train.log",
+              file=sys.stderr)  # fmt: skip
+        return 1
     print(summary)
     return 0
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
     console.setup_logging()
-    from engine.train.checkpoint import TrainCheckpointError
+    from engine.train.errors import TrainingStopped
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"run: {exc}", file=sys.stderr)
         return 2
-    except TrainCheckpointError as exc:  # a checkpoint save ran out of space, or none of them can be resumed
+    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values
         print(f"run: error: {exc}", file=sys.stderr)
         return 1
     if summary.get("rank", 0) == 0:

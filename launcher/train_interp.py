@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. interp.steps=100")
     args = p.parse_args(argv)
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
-    from engine.train.checkpoint import TrainCheckpointError
+    from engine.train.errors import TrainingStopped
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InterpolatorError, FileNotFoundError, ValueError) as exc:
         print(f"train_interp: error: {exc}", file=sys.stderr)
         return 2
-    except TrainCheckpointError as exc:  # a checkpoint save ran out of space, or none of them can be resumed
+    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values
         print(f"train_interp: error: {exc}", file=sys.stderr)
         return 1
     if result.step == result.start:

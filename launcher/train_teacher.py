@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         print(evaluate_teacher(cfg, args.eval))
         return 0
-    from engine.train.checkpoint import TrainCheckpointError
+    from engine.train.errors import TrainingStopped
 
     try:
         print(train_teacher(cfg))
-    except TrainCheckpointError as exc:  # a checkpoint save ran out of space, or none of them can be resumed
+    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values
         print(f"train_teacher: error: {exc}", file=sys.stderr)
         return 1
     return 0

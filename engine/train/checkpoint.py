@@ -41,6 +41,7 @@ import torch
 from engine.config import ConfigError
 from engine.fsutil import atomic_write_text
 from engine.train import dist
+from engine.train.errors import TrainingStopped
 
 COMPLETE = "COMPLETE"
 MANIFEST_DIR = "manifest"
@@ -51,7 +52,7 @@ log = logging.getLogger("vidistill.train")
 Note = Callable[[str], None]
 
 
-class TrainCheckpointError(RuntimeError):
+class TrainCheckpointError(TrainingStopped):
     """A checkpoint could not be written (disk full), or none of the existing ones can be resumed."""
 
 

@@ -23,9 +23,10 @@ from collections.abc import Iterable
 import torch
 
 from engine.train import dist
+from engine.train.errors import TrainingStopped
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(TrainingStopped):
     """A trained model holds NaN or inf weights: nothing is checkpointed or exported."""
 
 

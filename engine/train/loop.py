@@ -30,11 +30,12 @@ import torch
 from engine.config import RunConfig
 from engine.train import checkpoint as ckpt
 from engine.train import dist, guards
+from engine.train.errors import TrainingStopped
 from engine.train.observe import Observer
 from engine.train.timer import PhaseTimer
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingStopped):
     """Too many consecutive updates of one role were skipped (non-finite loss or gradient norm)."""
 
 
