@@ -146,7 +146,14 @@ def _forward(x, shift, scale, eps: float):
     block_r, block_d = row_block(n_cols)
     grid = (triton.cdiv(n_tokens, block_r), batch)
     args = (x, shift, scale, y, mean, rstd, n_tokens, n_cols, shift.stride(0), eps)
-    launch(_adaln_fwd_kernel, grid, args, {"BLOCK_R": block_r, "BLOCK_D": block_d}, tune_key=("n_cols",))
+    launch(
+        _adaln_fwd_kernel,
+        grid,
+        args,
+        {"BLOCK_R": block_r, "BLOCK_D": block_d},
+        tune_key=("n_cols",),
+        tile=("BLOCK_R", "BLOCK_D"),
+    )
     return y, mean, rstd
 
 
@@ -159,7 +166,14 @@ def _backward(dy, x, scale, mean, rstd):
     dshift = torch.empty(batch, programs, n_cols, device=x.device, dtype=torch.float32)  # partial sums
     dscale = torch.empty_like(dshift)
     args = (x, dy, scale, mean, rstd, dx, dshift, dscale, n_tokens, n_cols, scale.stride(0), rows_per_program)
-    launch(_adaln_bwd_kernel, (programs, batch), args, {"BLOCK_R": block_r, "BLOCK_D": block_d}, tune_key=("n_cols",))
+    launch(
+        _adaln_bwd_kernel,
+        (programs, batch),
+        args,
+        {"BLOCK_R": block_r, "BLOCK_D": block_d},
+        tune_key=("n_cols",),
+        tile=("BLOCK_R", "BLOCK_D", 2),
+    )
     return dx, dshift.sum(1, keepdim=True), dscale.sum(1, keepdim=True)  # (B, N, D), (B, 1, D), (B, 1, D)
 
 

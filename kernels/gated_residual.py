@@ -108,7 +108,14 @@ def _forward(x, y, gate):
     block_r, block_d = row_block(n_cols)
     grid = (triton.cdiv(n_tokens, block_r), batch)
     args = (x, y, gate, out, n_tokens, n_cols, gate.stride(0))
-    launch(_gated_fwd_kernel, grid, args, {"BLOCK_R": block_r, "BLOCK_D": block_d}, tune_key=("n_cols",))
+    launch(
+        _gated_fwd_kernel,
+        grid,
+        args,
+        {"BLOCK_R": block_r, "BLOCK_D": block_d},
+        tune_key=("n_cols",),
+        tile=("BLOCK_R", "BLOCK_D"),
+    )
     return out
 
 
@@ -120,7 +127,14 @@ def _backward(dout, y, gate):
     dy = torch.empty_like(y)
     dgate = torch.empty(batch, programs, n_cols, device=y.device, dtype=torch.float32)  # partial sums
     args = (dout, y, gate, dy, dgate, n_tokens, n_cols, gate.stride(0), rows_per_program)
-    launch(_gated_bwd_kernel, (programs, batch), args, {"BLOCK_R": block_r, "BLOCK_D": block_d}, tune_key=("n_cols",))
+    launch(
+        _gated_bwd_kernel,
+        (programs, batch),
+        args,
+        {"BLOCK_R": block_r, "BLOCK_D": block_d},
+        tune_key=("n_cols",),
+        tile=("BLOCK_R", "BLOCK_D", 2),
+    )
     return dy, dgate.sum(1, keepdim=True)  # (B, N, D), (B, 1, D)
 
 

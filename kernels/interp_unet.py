@@ -47,6 +47,7 @@ from kernels._rounding import store_rounded
 
 MAX_CHANNELS = 512  # output channels one tile holds (BLOCK_M 32 x 512 fp32 accumulators); the paper's widest level
 _TILE_ELEMS = 16384  # BLOCK_M x BLOCK_N accumulators per program: 128x128, 64x256, 32x512 (standard GEMM tiles)
+_A_TILE_ELEMS = 2048  # BLOCK_M x BLOCK_K inputs per tap and channel chunk
 # Under the interpreter a tl op costs about the same Python overhead whatever the tile size, so larger tiles run faster
 # (measured 1.4 s -> 0.37 s for a (10, 8, 15, 26) conv at BLOCK_M 128 -> 512). 256 still cuts the tests' 15 x 26
 # images into two tiles, one partial, so tile offsets and pixel masks are exercised. None: the GPU's tiles.
@@ -123,7 +124,7 @@ def _load_taps(ptr, c, mask_c, th, tw, in_grid, h_src, w_src, s_c, s_h, s_w, POO
             ch, cw = fh + cell // 2, fw + cell % 2
             ok = mask & ((ch < h_src) & (cw < w_src))[:, None]
             v = tl.load(base + (ch * s_h + cw * s_w)[:, None], mask=ok, other=float("-inf"))
-            best = tl.maximum(best, v)
+            best = tl.maximum(best, v).to(best.dtype)  # tl.maximum computes bf16/fp16 in fp32: keep the load's type
         return best
     return tl.load(base + (th * s_h + tw * s_w)[:, None], mask=mask, other=0.0)
 
@@ -247,9 +248,11 @@ def _blocks(c_in: int, c_out: int) -> dict:
     """Tile sizes: all c_out channels (padded to a power of two >= 16, tl.dot's minimum) x BLOCK_M pixels."""
     block_n = max(16, triton.next_power_of_2(c_out))
     block_m = max(16, min(128, _TILE_ELEMS // block_n))
+    # The (BLOCK_M, BLOCK_K) input tile of a tap, with its int64 addresses and masks, at most 2048 elements: the
+    # 128 x 32 tile spilled on sm_90 at every warp count (benchmarks/kernels/sm90_resources.md), 128 x 16 does not.
+    block_k = max(16, min(32, triton.next_power_of_2(c_in), _A_TILE_ELEMS // block_m))
     if interpreting() and _INTERPRETER_BLOCK_M:
         block_m = _INTERPRETER_BLOCK_M
-    block_k = max(16, min(32, triton.next_power_of_2(c_in)))
     return {"BLOCK_M": block_m, "BLOCK_K": block_k, "BLOCK_N": block_n}
 
 
@@ -293,7 +296,14 @@ def _conv_forward(x, weight, bias, ln_weight, ln_bias, eps, skip, pool, pairs_of
     grid = (triton.cdiv(h * w, blocks["BLOCK_M"]), n)
     args = (*src_x, c_x, h_x, w_x, *src_s, c_s, _taps(weight), bias, ln_weight, ln_bias, y, h, w, c_out, eps)
     consts = {**blocks, "POOL": pool, "HAS_SKIP": skip is not None, **_dot_mode(x.dtype)}
-    launch(_conv_norm_act_kernel, grid, args, consts, tune_key=("c_x", "c_s", "c_out", "width"))
+    launch(
+        _conv_norm_act_kernel,
+        grid,
+        args,
+        consts,
+        tune_key=("c_x", "c_s", "c_out", "width"),
+        tile=("BLOCK_M", "BLOCK_N"),
+    )
     return y
 
 
@@ -307,7 +317,7 @@ def _head_forward(x, weight, bias, ln_weight, ln_bias, eps, out_weight, out_bias
     args = (x, *x.stride(), c_x, _taps(weight), bias, ln_weight, ln_bias, w_out, out_bias, latents, *latents.stride(),
             out, *out.stride()[:3], f - 1, h, w, c, eps)  # fmt: skip
     consts = {**blocks, "BLOCK_C": max(16, triton.next_power_of_2(c)), "RESIDUAL": residual, **_dot_mode(x.dtype)}
-    launch(_interp_head_kernel, grid, args, consts, tune_key=("c_x", "c_lat", "width"))
+    launch(_interp_head_kernel, grid, args, consts, tune_key=("c_x", "c_lat", "width"), tile=("BLOCK_M", "BLOCK_N"))
     return out
 
 

@@ -180,7 +180,14 @@ def _forward_one(x, weight, cos, sin, eps: float):
     block_r, block_p = row_block(dim // 2)
     grid = (triton.cdiv(n_tokens, block_r), batch)
     args = (x, weight, cos, sin, y, rstd, n_tokens, dim // 2, cos.shape[-1], eps)
-    launch(_norm_rope_fwd_kernel, grid, args, {"BLOCK_R": block_r, "BLOCK_P": block_p}, tune_key=("n_pairs",))
+    launch(
+        _norm_rope_fwd_kernel,
+        grid,
+        args,
+        {"BLOCK_R": block_r, "BLOCK_P": block_p},
+        tune_key=("n_pairs",),
+        tile=("BLOCK_R", "BLOCK_P", 2),
+    )
     return y, rstd
 
 
@@ -194,7 +201,14 @@ def _backward_one(dy, x, weight, cos, sin, rstd):
     dw = torch.empty(batch * programs, dim, device=x.device, dtype=torch.float32)  # partial sums
     args = (x, dy, weight, cos, sin, rstd, dx, dw, n_tokens, dim // 2, cos.shape[-1], rows_per_program)
     constexprs = {"BLOCK_R": block_r, "BLOCK_P": block_p}
-    launch(_norm_rope_bwd_kernel, (programs, batch), args, constexprs, tune_key=("n_pairs",))
+    launch(
+        _norm_rope_bwd_kernel,
+        (programs, batch),
+        args,
+        constexprs,
+        tune_key=("n_pairs",),
+        tile=("BLOCK_R", "BLOCK_P", 4),
+    )
     return dx, dw.sum(0)
 
 

@@ -172,7 +172,14 @@ def _forward(x: torch.Tensor, eps: float, power: float, tau: float) -> tuple[tor
     partial = torch.empty(n_rows * n_sblocks, device=x.device, dtype=torch.float32)
     args = (xr, partial, n_frames, n_space, n_sblocks)
     constexprs = {"BLOCK_F": block_f, "BLOCK_S": block_s}
-    launch(_variance_partial_kernel, (n_rows * n_sblocks,), args, constexprs, tune_key=("n_frames", "n_space"))
+    launch(
+        _variance_partial_kernel,
+        (n_rows * n_sblocks,),
+        args,
+        constexprs,
+        tune_key=("n_frames", "n_space"),
+        tile=("BLOCK_F", "BLOCK_S"),
+    )
     loss, v, keep = (torch.empty((), device=x.device, dtype=torch.float32) for _ in range(3))
     inv_count = 1.0 / (n_rows * n_space)
     _finalize_kernel[(1,)](partial, partial.numel(), loss, v, keep, inv_count, eps, power, tau, BLOCK=_FINALIZE_BLOCK)
@@ -186,7 +193,14 @@ def _backward(grad_loss, x, v, keep, eps: float, power: float) -> torch.Tensor:
     dx = torch.empty_like(xr)
     args = (xr, dx, grad_loss, v, keep, n_frames, n_space, n_sblocks, 1.0 / (n_rows * n_space), eps, power)
     constexprs = {"BLOCK_F": block_f, "BLOCK_S": block_s, "ONE_CHUNK": n_frames <= block_f}
-    launch(_backward_kernel, (n_rows * n_sblocks,), args, constexprs, tune_key=("n_frames", "n_space"))
+    launch(
+        _backward_kernel,
+        (n_rows * n_sblocks,),
+        args,
+        constexprs,
+        tune_key=("n_frames", "n_space"),
+        tile=("BLOCK_F", "BLOCK_S"),
+    )
     return dx.view(x.shape)  # (B, C, F, H, W)
 
 

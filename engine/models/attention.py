@@ -39,8 +39,8 @@ def _supports(backend: str, q: torch.Tensor) -> bool:
         return True
     if _module(backend) is None or not q.is_cuda or q.dtype not in _HALF:
         return False
-    if backend == "flash3":  # Hopper only
-        return torch.cuda.get_device_capability(q.device)[0] >= 9
+    if backend == "flash3":  # Hopper only: FA3 builds target sm_90, neither Ampere (8.x) nor Blackwell (10.x, 12.x)
+        return torch.cuda.get_device_capability(q.device)[0] == 9
     return True
 
 

@@ -26,6 +26,25 @@ def test_cpu_picks_sdpa_and_explicit_unusable_backend_is_an_error():
         resolve_backend("magic", q)
 
 
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((8, 0), "flash2"), ((9, 0), "flash3"), ((10, 0), "flash2"), ((12, 0), "flash2")]
+)
+def test_flash3_only_on_hopper(monkeypatch, capability, expected):
+    """FA3 is built for sm_90 only: auto picks it on Hopper, flash2 on Ampere and on Blackwell (sm_100, sm_120)."""
+    from types import SimpleNamespace
+
+    import engine.models.attention as attn
+
+    installed = {"flash3": object(), "flash2": object()}
+    monkeypatch.setattr(attn, "_module", lambda backend: installed.get(backend))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    assert resolve_backend("auto", q) == expected
+    if expected != "flash3":
+        with pytest.raises(RuntimeError, match="sm90 for flash3"):
+            resolve_backend("flash3", q)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "flash2", "flash3", "xformers"])
 def test_gpu_backends_match_sdpa(backend):
