@@ -49,9 +49,11 @@ def flow_matching_loss(
 
 class TeacherTrainer:
     def __init__(self, cfg: ToyTeacherConfig, model_cfg: ModelConfig, schedule: FlowSchedule, data, uncond):
-        """data: (latents (N, C, F, h, w), context (N, L, D)); uncond: (1, L, D) empty-prompt embedding."""
+        """data: (latents (N, C, F, h, w), context (N, L, D)), or a source whose ``batch(step, batch_size)`` returns
+        such a pair for each step (engine/toy/procedural.py); uncond: (1, L, D) empty-prompt embedding."""
         self.cfg, self.model_cfg, self.schedule = cfg, model_cfg, schedule
-        self.latents, self.context = data
+        self.source = data if hasattr(data, "batch") else None
+        self.latents, self.context = (None, None) if self.source else data
         self.uncond = uncond
         torch.manual_seed(cfg.seed)
         self.model = WanModel(model_cfg)
@@ -97,12 +99,14 @@ class TeacherTrainer:
     # -- training --------------------------------------------------------------------------------------------------
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.latents.shape[0]
-        idx = torch.randint(n, (self.cfg.batch_size,), generator=self.rng)
-        context = self.context[idx].clone()
+        if self.source is not None:
+            latents, context = self.source.batch(self.step, self.cfg.batch_size)
+        else:
+            idx = torch.randint(self.latents.shape[0], (self.cfg.batch_size,), generator=self.rng)
+            latents, context = self.latents[idx], self.context[idx].clone()
         drop = torch.rand(self.cfg.batch_size, generator=self.rng) < self.cfg.caption_dropout
         context[drop] = self.uncond[0]
-        return self.latents[idx], context
+        return latents, context
 
     @torch.no_grad()
     def _update_ema(self) -> None:
