@@ -3,6 +3,8 @@
     # train (resumes from runs/teacher-exp/<run>/state.pt), score every 1000 steps, stop at --until
     python launcher/teacher_experiment.py train --config configs/toy.yaml --run proc --lever procedural \\
         --until 6000 toy_teacher.data=procedural
+    # the curve as a Markdown table against the bar
+    python launcher/teacher_experiment.py table
     # score an exported teacher (diffusers layout) with the same protocol
     python launcher/teacher_experiment.py score --config configs/toy.yaml --run shipped --lever baseline \\
         --weights engine/assets/toy_teacher --step 12000 --cpu-minutes 124
@@ -103,11 +105,47 @@ def score_weights(args, cfg) -> int:
     return 0
 
 
+TABLE_METRICS = (
+    ("instance_preservation", "inst."),
+    ("direction_accuracy", "dir."),
+    ("shape_accuracy", "shape"),
+    ("colour_accuracy", "colour"),
+    ("travel", "travel"),
+    ("saturation_ratio", "sat. ratio"),
+    ("frechet_distance", "FD"),
+    ("prompt_alignment", "align"),
+)
+
+
+def table(args) -> int:
+    """The curve as a Markdown table (one row per scored point), the bar and the real clips first."""
+    real = json.loads(Path(args.curve).with_name("teacher_real.json").read_text())
+    head = ["run", "lever", "step", "CPU min", *(short for _, short in TABLE_METRICS), "bar"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rt, rfd = real["real (val)"]["travel"], real["real via codec"]["frechet_distance"]
+    bar = [">= 0.85", ">= 0.85", ">= 0.90", ">= 0.95", f"{0.85 * rt:.2f}-{1.15 * rt:.2f}", "0.95-1.05"]
+    lines.append("| **bar** | | | | " + " | ".join(bar) + f" | <= {3 * rfd:.3f} | | 7/7 |")
+    for name, row in real.items():
+        cells = [f"{row[m]:.3f}" for m, _ in TABLE_METRICS]
+        lines.append(f"| {name} | | | | " + " | ".join(cells) + " | |")
+    for r in read_rows(args.curve):
+        cpu = float(r["cpu_minutes"])
+        cells = [f"{float(r[m]):.3f}" for m, _ in TABLE_METRICS]
+        cpu_text = "-" if cpu != cpu else f"{cpu:.1f}"
+        lines.append(
+            f"| {r['run']} | {r['lever']} | {r['step']} | {cpu_text} | "
+            + " | ".join(cells)
+            + f" | {r['bar_passed']}/7 |"
+        )
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("train", "score"))
-    p.add_argument("--config", required=True)
-    p.add_argument("--run", required=True, help="run name (the curve's `run` column; out_dir runs/teacher-exp/<run>)")
+    p.add_argument("mode", choices=("train", "score", "table"))
+    p.add_argument("--config", default="configs/toy.yaml")
+    p.add_argument("--run", default="", help="run name (the curve's `run` column; out_dir runs/teacher-exp/<run>)")
     p.add_argument("--lever", default="", help="what this run varies (the curve's `lever` column)")
     p.add_argument("--curve", default="docs/results/teacher_curve.csv")
     p.add_argument("--n", type=int, default=100, help="held-out (val) prompts scored")
@@ -119,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-minutes", type=float, default=float("nan"), help="score: the CPU minutes to record")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. toy_teacher.data=procedural")
     args = p.parse_intermixed_args(argv)
+    if args.mode == "table":
+        return table(args)
+    if not args.run:
+        p.error("--run is required to train or score")
     torch.set_num_threads(1)
     overrides = [f"toy_teacher.out_dir=runs/teacher-exp/{args.run}", *args.overrides]
     try:
