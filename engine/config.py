@@ -446,6 +446,9 @@ class ToyTeacherConfig:
     """Where the EMA teacher is exported (diffusers layout)."""
     seed: int = 0
     """Seed of the data order, noise and dropout draws."""
+    data: Literal["fixed", "procedural"] = "fixed"
+    """fixed: the toy dataset's train split; procedural: fresh clips rendered from a seed stream, held-out prompts
+    excluded (engine/toy/procedural.py)."""
 
 
 @dataclass

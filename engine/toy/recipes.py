@@ -14,18 +14,28 @@ from engine.models.wan import WanModel
 from engine.toy.data import toy_tensors
 from engine.toy.evaluate import real_rows, reference_for
 from engine.toy.metrics import compute_metrics, format_table
-from engine.toy.parts import toy_parts
+from engine.toy.parts import ToyParts, toy_parts
+from engine.toy.procedural import ProceduralSource
 from engine.toy.sampling import decode, teacher_latents
 from engine.toy.teacher import TeacherTrainer
+
+
+def teacher_data(cfg: RunConfig, parts: ToyParts):
+    """The teacher's training data per ``toy_teacher.data``: the fixed train split's (latents, context), or a
+    :class:`ProceduralSource` seeded by ``toy_teacher.seed``."""
+    if cfg.toy_teacher.data == "procedural":
+        return ProceduralSource(cfg.toy, parts.codec, parts.text, seed=cfg.toy_teacher.seed)
+    data = toy_tensors(cfg.toy, parts.codec, parts.text, split="train")
+    return data.latents, data.context
 
 
 def train_teacher(cfg: RunConfig) -> dict:
     """Train (or continue training) the toy teacher and export its EMA weights."""
     parts = toy_parts(cfg)
     t0 = time.time()
-    data = toy_tensors(cfg.toy, parts.codec, parts.text, split="train")
+    data = teacher_data(cfg, parts)
     prep = time.time() - t0
-    trainer = TeacherTrainer(cfg.toy_teacher, cfg.model, parts.schedule, (data.latents, data.context), parts.uncond)
+    trainer = TeacherTrainer(cfg.toy_teacher, cfg.model, parts.schedule, data, parts.uncond)
     summary = trainer.run()
     summary["export"] = str(trainer.export())
     summary["data_seconds"] = prep

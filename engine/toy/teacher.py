@@ -57,9 +57,11 @@ class TeacherTrainer:
     name = "teacher"
 
     def __init__(self, cfg: ToyTeacherConfig, model_cfg: ModelConfig, schedule: FlowSchedule, data, uncond):
-        """data: (latents (N, C, F, h, w), context (N, L, D)); uncond: (1, L, D) empty-prompt embedding."""
+        """data: (latents (N, C, F, h, w), context (N, L, D)), or a source whose ``batch(step, batch_size)`` returns
+        such a pair for each step (engine/toy/procedural.py); uncond: (1, L, D) empty-prompt embedding."""
         self.cfg, self.model_cfg, self.schedule = cfg, model_cfg, schedule
-        self.latents, self.context = data
+        self.source = data if hasattr(data, "batch") else None
+        self.latents, self.context = (None, None) if self.source else data
         self.uncond = uncond
         torch.manual_seed(cfg.seed)
         self.model = WanModel(model_cfg)
@@ -100,13 +102,15 @@ class TeacherTrainer:
 
     # -- training --------------------------------------------------------------------------------------------------
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.latents.shape[0]
-        idx = torch.randint(n, (self.cfg.batch_size,), generator=self.rng)
-        context = self.context[idx].clone()
+    def _batch(self, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.source is not None:
+            latents, context = self.source.batch(step, self.cfg.batch_size)
+        else:
+            idx = torch.randint(self.latents.shape[0], (self.cfg.batch_size,), generator=self.rng)
+            latents, context = self.latents[idx], self.context[idx].clone()
         drop = torch.rand(self.cfg.batch_size, generator=self.rng) < self.cfg.caption_dropout
         context[drop] = self.uncond[0]
-        return self.latents[idx], context
+        return latents, context
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:
@@ -118,17 +122,19 @@ class TeacherTrainer:
         lr = lr_at(self.cfg, step)
         for group in self.engines["teacher"].optimizer.param_groups:
             group["lr"] = lr
-        x0, context = self._batch()
+        x0, context = self._batch(step)
         loss = flow_matching_loss(self.model, x0, context, self.schedule, self.rng)
         update = Update("teacher", loss, {"loss": loss.detach(), "lr": torch.tensor(lr)})
         yield update
         if update.applied:  # after the loop applied the update; a skipped one leaves the average alone
             self._update_ema(step + 1)
 
-    def run(self, progress: bool = True) -> dict:
+    def run(self, progress: bool = True, *, until: int | None = None, on_step=None, after_save=None) -> dict:
+        """Train to ``until`` (default ``steps``; the learning-rate schedule always follows ``steps``, so a run stopped
+        early continues on the same schedule). ``on_step``/``after_save``: the loop's hooks."""
         settings = LoopSettings(
             run_dir=self.out,
-            max_steps=self.cfg.steps,
+            max_steps=min(until or self.cfg.steps, self.cfg.steps),
             every_steps=self.cfg.save_every,
             keep_last=2,
             log_every=self.cfg.log_every,
@@ -137,7 +143,7 @@ class TeacherTrainer:
         )
         t0 = time.time()
         with runlock.hold(self.out):  # one job per output directory
-            loop = Loop(settings, self)
+            loop = Loop(settings, self, on_step=on_step, after_save=after_save)
             summary = loop.run()
         loss = loop.history[-1]["loss"] if loop.history else None
         return {
