@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from engine import console
 from engine.config import load_config
 from engine.toy.data import toy_tensors
 from engine.toy.procedural import ProceduralSource
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--no-samples", action="store_true", help="only the losses")
     p.add_argument("--out", default=None)
+    console.add_verbose_flag(p)
     args = p.parse_args(argv)
+    console.install(verbose=args.verbose)
     torch.set_num_threads(1)
     cfg = load_config(args.config, [])
     parts = toy_parts(cfg)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from engine import console
 from engine.config import ConfigError, load_config
 from engine.models.checkpoint import save_weights
 from engine.toy.recipes import load_teacher, teacher_data, toy_parts
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=0, help="score: the step to record")
     p.add_argument("--cpu-minutes", type=float, default=float("nan"), help="score: the CPU minutes to record")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. toy_teacher.data=procedural")
+    console.add_verbose_flag(p)
     args = p.parse_intermixed_args(argv)
+    console.install(verbose=args.verbose)
     if args.mode == "table":
         return table(args)
     if not args.run:
