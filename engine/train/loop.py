@@ -97,10 +97,10 @@ class LoopSettings:
     text_log: bool = True
 
     @classmethod
-    def of(cls, cfg: RunConfig, max_steps: int | None = None, run_dir: str | Path | None = None) -> LoopSettings:
+    def of(cls, cfg: RunConfig, max_steps: int | None = None) -> LoopSettings:
         c, lg = cfg.checkpoint, cfg.logging
         return cls(
-            run_dir=Path(run_dir or lg.run_dir),
+            run_dir=Path(lg.run_dir),
             max_steps=cfg.train.max_steps if max_steps is None else max_steps,
             every_steps=c.every_steps,
             keep_last=c.keep_last,
@@ -134,7 +134,8 @@ class _Window:
         keys = sorted(self.sums)
         if not keys:
             return {}
-        stacked = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        device = dist.device()  # metrics may live on the host (a float grad norm) or the device
+        stacked = torch.stack([(self.sums[k] / self.counts[k]).to(device) for k in keys])
         stacked = dist.all_reduce_sum(stacked) / dist.world_size()
         return dict(zip(keys, stacked.tolist()))
 
@@ -294,8 +295,8 @@ class Loop:
             update.applied = self._apply(update)  # before the method resumes (it may commit state then)
             if update.applied and hasattr(self.method.engines[update.role], "get_global_grad_norm"):
                 norm = self.method.engines[update.role].get_global_grad_norm()
-                if norm is not None:  # DeepSpeed knows it at the accumulation boundary only
-                    update.metrics[f"grad_norm_{update.role}"] = torch.as_tensor(float(norm))
+                if norm is not None:  # DeepSpeed knows it at the accumulation boundary only; a tensor stays put
+                    update.metrics[f"grad_norm_{update.role}"] = torch.as_tensor(norm)
             metrics.update(update.metrics)
         return metrics
 
@@ -314,9 +315,6 @@ class Loop:
             self.observer.log(step, means, {**extra, "perf/samples_per_s": samples_s, **skipped})
 
     # -- the loop --------------------------------------------------------------------------------------------------
-
-    def finished(self) -> bool:
-        return self.step >= self.s.max_steps
 
     def run(self) -> dict:
         self.resume()

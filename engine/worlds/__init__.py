@@ -15,10 +15,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import RunConfig
-from engine.worlds.base import World, kind_of, latent_shape, world_latent_shape
-
-VIEW_SCALE = {"toy": 4, "wan": 1}
-"""Pixel repeat of written mp4 files per world (toy clips are 32x32)."""
+from engine.worlds.base import VIEW_SCALE, World, kind_of, latent_shape, world_latent_shape
 
 
 def build_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: bool = False) -> World:

@@ -11,6 +11,9 @@ import torch
 from engine.config import ConfigError, RunConfig
 from engine.data.interfaces import TextEncoder, VideoCodec
 
+VIEW_SCALE = {"toy": 4, "wan": 1}
+"""Pixel repeat of written mp4 files per world (toy clips are 32x32)."""
+
 
 def kind_of(cfg: RunConfig) -> str:
     """toy (toy codec + toy text encoder) or wan (Wan VAE + umT5); any other pairing is not a world."""

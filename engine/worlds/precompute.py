@@ -20,6 +20,7 @@ import torch
 from engine.config import ConfigError
 from engine.data.cache import CacheError, precompute_latents, precompute_text, write_index, write_negative
 from engine.data.manifest import load_manifest
+from engine.worlds import build_world
 
 logger = logging.getLogger("engine.data")
 
@@ -55,6 +56,19 @@ def _try_index(cache_dir: str, kind: str, num_entries: int, shard_size: int) -> 
     return True
 
 
+def _read_manifest(d: Any):
+    """The manifest precompute reads, with errors that name the config key."""
+    for key, value in (("data.manifest", d.manifest), ("data.cache_dir", d.cache_dir)):
+        if not value:
+            raise ConfigError(f"config key `{key}`: required (precompute reads data.manifest into data.cache_dir)")
+    if not Path(d.manifest).is_file():
+        raise ConfigError(f"config key `data.manifest`: {d.manifest} is not a file (set it to the clips' manifest)")
+    manifest = load_manifest(d.manifest, d.root)
+    if not manifest.entries:
+        raise ConfigError(f"config key `data.manifest`: {d.manifest} has no usable row ({manifest.skipped.summary()})")
+    return manifest
+
+
 def run_precompute(
     cfg: Any,
     *,
@@ -69,17 +83,9 @@ def run_precompute(
 ) -> dict[str, bool]:
     """Build the requested caches of ``cfg.data.manifest`` into ``cfg.data.cache_dir``; returns {kind: index done}."""
     from engine.data.reader import build_reader
-    from engine.worlds import build_world
 
     d = cfg.data
-    for key, value in (("data.manifest", d.manifest), ("data.cache_dir", d.cache_dir)):
-        if not value:
-            raise ConfigError(f"config key `{key}`: required (precompute reads data.manifest into data.cache_dir)")
-    if not Path(d.manifest).is_file():
-        raise ConfigError(f"config key `data.manifest`: {d.manifest} is not a file (set it to the clips' manifest)")
-    manifest = load_manifest(d.manifest, d.root)
-    if not manifest.entries:
-        raise ConfigError(f"config key `data.manifest`: {d.manifest} has no usable row ({manifest.skipped.summary()})")
+    manifest = _read_manifest(d)
     sizes = {"text": text_shard_size, "latents": latent_shard_size}
     prints = _fingerprints(cfg, d.manifest, len(manifest), sizes)
     done = {}

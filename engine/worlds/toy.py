@@ -9,7 +9,7 @@ from engine.config import ConfigError, RunConfig
 from engine.toy.data import toy_tensors
 from engine.toy.parts import toy_parts
 from engine.train import dist
-from engine.worlds.base import World, world_latent_shape
+from engine.worlds.base import VIEW_SCALE, World, world_latent_shape
 from engine.worlds.source import TensorSource
 
 NUM_DEFAULT_SAMPLES = 4  # sample videos of the first val captions when logging.sample_prompts is empty
@@ -47,7 +47,7 @@ def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: b
         latent_shape=world_latent_shape(cfg, parts.codec.z_dim),
         uncond=parts.uncond,
         kind="toy",
-        view_scale=4,  # 32x32 clips are written 128x128 (engine.worlds.VIEW_SCALE)
+        view_scale=VIEW_SCALE["toy"],
         device=device,
         load_text=lambda: parts.text,
         load_codec=lambda: parts.codec.to(device),

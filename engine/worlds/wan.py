@@ -25,7 +25,7 @@ from engine.config import ConfigError, RunConfig
 from engine.data.cache import CacheError, negative_path, read_index, read_negative, safetensors_header, verify_shards
 from engine.data.source import CacheDataset, build_source
 from engine.train import dist
-from engine.worlds.base import World, latent_shape, world_latent_shape
+from engine.worlds.base import VIEW_SCALE, World, latent_shape, world_latent_shape
 from engine.worlds.source import Batch
 
 log = logging.getLogger("vidistill.train")
@@ -265,6 +265,7 @@ def wan_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: b
     world = World(
         latent_shape=world_latent_shape(cfg),
         kind="wan",
+        view_scale=VIEW_SCALE["wan"],
         negative_prompt=cfg.text_encoder.negative_prompt,
         device=device,
         load_text=_text_loader(cfg, device),

@@ -72,7 +72,7 @@ def _faults(name):
     return out
 
 
-class _NanGrad(torch.autograd.Function):
+class NanGrad(torch.autograd.Function):
     """Identity forward, NaN backward: the loss stays finite, every gradient through it is NaN."""
 
     @staticmethod
@@ -86,7 +86,7 @@ class _NanGrad(torch.autograd.Function):
 
 def install_faults(trainer):
     modules = _modules(trainer)
-    for env, poison in (("NAN_GRADS", _NanGrad.apply), ("NAN_SCORES", lambda out: out * float("nan"))):
+    for env, poison in (("NAN_GRADS", NanGrad.apply), ("NAN_SCORES", lambda out: out * float("nan"))):
         by_role = {}
         for role, step, _ in _faults(env):
             by_role.setdefault(role, set()).add(step)
