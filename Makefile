@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 TORCH_SPEC ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test test-all demo bench lint format clean
+.PHONY: install test test-all demo ablate bench lint format clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ test-all: install
 
 demo: install
 	$(PY) -m launcher.demo
+
+ablate: install
+	$(PY) -m launcher.ablate --config configs/toy.yaml --seeds 0 1 2
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-only -p no:randomly -o addopts=''

@@ -290,6 +290,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Quality monitors on the sample videos (engine/train/quality.py)."""
+
+    enabled: bool = True
+    """Score the sample videos at every sample step (quality/ in the run directory, TensorBoard quality/*)."""
+    teacher_reference: bool = True
+    """Sample the teacher once on the same prompts and seeds (50 steps, CFG) to compare the scores with."""
+    saturation_margin: float = 0.10
+    """Warn when the samples' saturation is more than this share above the teacher's."""
+    motion_margin: float = 0.25
+    """Warn when the samples' motion (frame difference; toy: travel too) is more than this share below the teacher's."""
+
+
+@dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
     """Run directory: resolved config, checkpoints, TensorBoard events, samples."""
@@ -309,6 +323,10 @@ class LoggingConfig:
     """Peak dense TFLOP/s per device for MFU; None = 989 (H100 bf16) on CUDA, 0.077 (measured fp32 CPU) otherwise."""
     phase_timing: bool = True
     """Per-phase wall times (synchronizes CUDA at phase edges)."""
+    sample_count: int = 4
+    """Sample prompts a world picks when sample_prompts is empty (toy: the first N held-out captions)."""
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    """Scores of the sample videos and drift warnings against the teacher."""
 
 
 @dataclass
@@ -759,6 +777,17 @@ def _validate_method(m: MethodConfig) -> None:
     _require(m.temporal.eps > 0, "method.temporal.eps", "must be positive")
     _require(m.temporal.power > 0, "method.temporal.power", "must be positive")
     _require(m.dmd.weight >= 0, "method.dmd.weight", "must be >= 0")
+    on = [
+        name
+        for name, term in (("dmd", m.dmd), ("regression", m.regression), ("temporal", m.temporal))
+        if term.enabled and term.weight > 0
+    ]
+    _require(
+        bool(on),
+        "method",
+        "every generator loss is off (method.dmd, method.regression and method.temporal disabled or weight 0): "
+        "the generator would never change; enable at least one",
+    )
 
 
 def _validate_data(d: DataConfig, vae: VAEConfig, model: ModelConfig) -> None:
@@ -805,6 +834,10 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(bool(cfg.logging.run_dir.strip()), "logging.run_dir", "must not be empty (it would write into the cwd)")
     _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     _require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
+    _require(cfg.logging.sample_count >= 1, "logging.sample_count", "must be >= 1")
+    q = cfg.logging.quality
+    _require(q.saturation_margin >= 0, "logging.quality.saturation_margin", "must be >= 0")
+    _require(0 <= q.motion_margin <= 1, "logging.quality.motion_margin", "must lie in [0, 1]")
     _require(cfg.text_encoder.max_length >= 1, "text_encoder.max_length", "must be >= 1")
     _require(len(cfg.interp.channels) == 3, "interp.channels", "needs three widths (one per U-Net level)")
     _require(all(c > 0 for c in cfg.interp.channels), "interp.channels", "widths must be positive")

@@ -227,3 +227,23 @@ def test_run_dir_must_be_writable(tmp_path):
         check_run_dir(cfg)
     ok = load_config(None, [f"logging.run_dir={tmp_path / 'new' / 'run'}"])
     assert check_run_dir(ok).is_dir() and not list(check_run_dir(ok).iterdir())  # created, probe removed
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.dmd.enabled=false", "method.regression.enabled=false", "method.temporal.enabled=false"],
+        ["method.dmd.weight=0", "method.regression.weight=0", "method.temporal.enabled=false"],
+    ],
+)
+def test_a_config_with_every_generator_loss_off_is_refused(overrides):
+    with pytest.raises(ConfigError, match="config key `method`: every generator loss is off"):
+        load_config(None, overrides)
+    load_config(None, overrides[:2])  # the temporal term alone still trains the generator
+
+
+def test_quality_margins_are_checked():
+    with pytest.raises(ConfigError, match="logging.quality.motion_margin"):
+        load_config(None, ["logging.quality.motion_margin=1.5"])
+    with pytest.raises(ConfigError, match="logging.sample_count"):
+        load_config(None, ["logging.sample_count=0"])

@@ -96,7 +96,7 @@ def _run(cfg: RunConfig, make_world: WorldFactory, on_step, model_cfg, interp: P
     roles = build_roles(cfg, model_cfg, resolve_dtype(cfg))
     method = DMDMethod(cfg, roles, world.unconditional(), world.latent_shape, device)
     gen, export = roles.generator.module, export_dir(cfg)
-    write = world_sampler(cfg, world, device)
+    write = world_sampler(cfg, world, device, roles.teacher, teacher_id)
 
     def exporter() -> None:  # collective: every rank takes part in gathering the generator
         export_diffusers(gen, model_cfg, export)

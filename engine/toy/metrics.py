@@ -9,6 +9,9 @@ clips of the dataset (:func:`calibrate`). ``compute_metrics`` returns, each a me
 - ``dynamic_degree``: share of clips whose optical-flow motion score exceeds the real-calibrated threshold (midway
   between real static clips' 99th percentile and real moving clips' 1st); ``motion``: mean score (px/frame);
   ``travel``: mean centroid travel (px) of clips whose caption says the objects move (static-motion collapse).
+  The flow score counts flicker as motion; two measures tell them apart: ``flicker``, the mean flow-compensated
+  brightness change between frames (value units 0-1; what the motion does not explain), and ``jitter``, the mean RMS
+  distance (px) of the objects' per-frame centroid from its fitted straight path (shaking, not travelling).
 - ``instance_preservation``: share of clips where every frame has exactly as many connected object components as the
   caption has objects, each within ``AREA_TOLERANCE`` of its clip-median area (no splitting, merging, vanishing).
 - ``colour_accuracy``, ``shape_accuracy``, ``direction_accuracy``: share of clips whose colours, shapes (of the
@@ -34,8 +37,9 @@ from engine.toy.vision import ClipAnalysis, analyze_clip
 
 AREA_TOLERANCE = 0.35  # real clips: <= 0.22 (1024 default clips, 99th pct 0.08); a split object keeps ~half its area
 METRICS = (
-    "saturation", "saturation_ratio", "dynamic_degree", "motion", "travel", "instance_preservation",
-    "colour_accuracy", "shape_accuracy", "direction_accuracy", "prompt_alignment", "frechet_distance",
+    "saturation", "saturation_ratio", "dynamic_degree", "motion", "travel", "flicker", "jitter",
+    "instance_preservation", "colour_accuracy", "shape_accuracy", "direction_accuracy", "prompt_alignment",
+    "frechet_distance",
 )  # fmt: skip
 
 
@@ -186,6 +190,8 @@ def compute_metrics(
         "dynamic_degree": float(np.mean([c.motion > reference.dynamic_threshold for c in clips])),
         "motion": float(np.mean([c.motion for c in clips])),
         "travel": float(np.mean(travels)) if travels else float("nan"),
+        "flicker": float(np.mean([c.flicker for c in clips])),
+        "jitter": _nanmean([c.jitter for c in clips]),
         "instance_preservation": float(np.mean([instance_preserved(c, len(p.objects)) for c, p in zip(clips, params)])),
         "colour_accuracy": float(np.mean(colour_ok)),
         "shape_accuracy": float(np.mean(shape_ok)),
@@ -193,6 +199,11 @@ def compute_metrics(
         "prompt_alignment": float(np.mean([all(x) for x in zip(colour_ok, shape_ok, direction_ok)])),
         "frechet_distance": _fd_to_reference(np.stack([c.features for c in clips]), reference),
     }
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _fd_to_reference(features: np.ndarray, reference: Reference) -> float:

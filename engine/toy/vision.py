@@ -44,6 +44,8 @@ class ClipAnalysis:
     motion: float  # optical-flow motion score, pixels per frame
     travel: tuple[float, float]  # fitted displacement of the objects' centroid over the clip, pixels (x right, y down)
     features: np.ndarray  # (NUM_FEATURES,) per-clip features for the Frechet distance
+    flicker: float = 0.0  # flow-compensated change of brightness between frames, in value units (0-1)
+    jitter: float = 0.0  # RMS distance (px) of the per-frame centroids from their fitted straight path
 
 
 FEATURE_NAMES = (
@@ -139,25 +141,43 @@ def shape_name(alpha: np.ndarray, top: int = 0, left: int = 0) -> str:
     return max(scores, key=scores.get)
 
 
-def motion_score(hsv: np.ndarray) -> float:
-    """Mean over frame pairs of the mean Farneback flow magnitude of the fastest 5% pixels, in pixels per frame.
+def frame_flows(value: np.ndarray) -> list[np.ndarray]:
+    """Farneback flow (H, W, 2) from each frame to the next of a uint8 (T, H, W) channel."""
+    return [cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 2, 9, 3, 5, 1.1, 0) for a, b in zip(value[:-1], value[1:])]
 
-    Flow runs on the HSV value channel: every object colour is brighter (value 0.85) than every background (<= 0.55),
-    while grey levels of, e.g., blue on slate are nearly equal (measured: on grey, 1 px/frame clips scored as low as
-    0.09; on value, >= 0.9). Identical frames score ~0.1 (Farneback noise in flat regions).
+
+def motion_score(flows: list[np.ndarray]) -> float:
+    """Mean over frame pairs of the mean flow magnitude of the fastest 5% pixels, in pixels per frame.
+
+    Flow runs on the HSV value channel (:func:`frame_flows` of ``hsv[..., 2]``): every object colour is brighter (value
+    0.85) than every background (<= 0.55), while grey levels of, e.g., blue on slate are nearly equal (measured: on
+    grey, 1 px/frame clips scored as low as 0.09; on value, >= 0.9). Identical frames score ~0.1 (Farneback noise in
+    flat regions). Flicker scores as motion too: the flow field follows any change of brightness.
     """
-    value = hsv[..., 2]
     scores = []
-    for a, b in zip(value[:-1], value[1:]):
-        flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 2, 9, 3, 5, 1.1, 0)  # (H, W, 2)
+    for flow in flows:
         mag = np.sort(np.linalg.norm(flow, axis=-1).ravel())
         scores.append(mag[-max(1, int(FLOW_TOP_FRACTION * mag.size)) :].mean())
     return float(np.mean(scores)) if scores else 0.0
 
 
-def centroid_travel(mask: np.ndarray) -> tuple[float, float]:
-    """Displacement (dx, dy) of the object pixels' centroid from first to last frame, from a least-squares line through
-    the per-frame centroids (frames without object pixels are skipped; NaN when fewer than two have some)."""
+def flicker_score(value: np.ndarray, flows: list[np.ndarray]) -> float:
+    """Mean absolute difference (value units, 0-1) between each frame and the next one warped back along the flow,
+    over the pixels and frame pairs: what motion does not explain. Smooth motion is explained by the flow and
+    scores near zero; brightness flicker, objects popping in and out and texture boiling do not warp away."""
+    if len(value) < 2:
+        return 0.0
+    h, w = value.shape[1:]
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    errors = []
+    for a, b, flow in zip(value[:-1], value[1:], flows):
+        back = cv2.remap(b, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        errors.append(np.abs(back.astype(np.float32) - a.astype(np.float32)).mean() / 255.0)
+    return float(np.mean(errors))
+
+
+def _centroids(mask: np.ndarray) -> tuple[list[int], list[float], list[float]]:
+    """Frame indices with object pixels and the centroid (x, y) of those pixels in each."""
     t_axis, xs, ys = [], [], []
     for t, m in enumerate(mask):
         yy, xx = np.nonzero(m)
@@ -165,10 +185,29 @@ def centroid_travel(mask: np.ndarray) -> tuple[float, float]:
             t_axis.append(t)
             xs.append(xx.mean())
             ys.append(yy.mean())
+    return t_axis, xs, ys
+
+
+def centroid_travel(mask: np.ndarray) -> tuple[float, float]:
+    """Displacement (dx, dy) of the object pixels' centroid from first to last frame, from a least-squares line through
+    the per-frame centroids (frames without object pixels are skipped; NaN when fewer than two have some)."""
+    t_axis, xs, ys = _centroids(mask)
     if len(t_axis) < 2:
         return float("nan"), float("nan")
     span = len(mask) - 1
     return float(np.polyfit(t_axis, xs, 1)[0] * span), float(np.polyfit(t_axis, ys, 1)[0] * span)
+
+
+def centroid_jitter(mask: np.ndarray) -> float:
+    """RMS distance (px) of the per-frame centroids from the least-squares straight path through them: 0 for objects
+    that stay put or move at constant velocity, large for objects that shake back and forth; NaN when fewer than
+    three frames have object pixels."""
+    t_axis, xs, ys = _centroids(mask)
+    if len(t_axis) < 3:
+        return float("nan")
+    t = np.asarray(t_axis, dtype=np.float64)
+    residuals = [np.asarray(v) - np.polyval(np.polyfit(t, v, 1), t) for v in (xs, ys)]
+    return float(np.sqrt(np.mean(residuals[0] ** 2 + residuals[1] ** 2)))
 
 
 def analyze_clip(clip: np.ndarray) -> ClipAnalysis:
@@ -178,10 +217,12 @@ def analyze_clip(clip: np.ndarray) -> ClipAnalysis:
     comps = [c for c, _ in per_frame]
     mask = np.stack([k for _, k in per_frame])  # (T, H, W), specks removed: they would bias the centroid
     travel = centroid_travel(mask)
-    motion = motion_score(hsv)
+    flows = frame_flows(hsv[..., 2])
+    motion = motion_score(flows)
     saturation = float(hsv[..., 1].mean() / 255.0)
     features = _features(clip, hsv, mask, comps, motion, travel)
-    return ClipAnalysis(comps, saturation, motion, travel, features)
+    flicker = flicker_score(hsv[..., 2], flows)
+    return ClipAnalysis(comps, saturation, motion, travel, features, flicker, centroid_jitter(mask))
 
 
 def _features(clip, hsv, mask, comps, motion: float, travel: tuple[float, float]) -> np.ndarray:

@@ -143,9 +143,9 @@ class _Window:
 class Loop:
     """``Loop(settings, method, source).run()``; hooks: ``on_step(loop, metrics)`` on every rank after each step
     (``metrics=None`` once before the first), ``after_save(loop, path)`` (collective), ``sampler(step)`` every
-    ``sample_every`` steps and at the end, ``exporter()`` at the end of a run that trained, or whose export is
-    missing (``export_done()`` says whether it is there). ``meta`` is kept in every checkpoint (e.g. the teacher
-    fingerprint)."""
+    ``sample_every`` steps and at the end (a dict it returns is a quality report for the observer), ``exporter()`` at
+    the end of a run that trained, or whose export is missing (``export_done()`` says whether it is there). ``meta``
+    is kept in every checkpoint (e.g. the teacher fingerprint)."""
 
     def __init__(
         self,
@@ -314,6 +314,11 @@ class Loop:
             }
             self.observer.log(step, means, {**extra, "perf/samples_per_s": samples_s, **skipped})
 
+    def _sample(self) -> None:
+        report = self.sampler(self.step)
+        if report and self.observer:
+            self.observer.quality(self.step, report)
+
     # -- the loop --------------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -340,11 +345,11 @@ class Loop:
                 if self.step % s.every_steps == 0 or self.step == s.max_steps:
                     self.save()
                 if self.sampler and self.sample_every and self.step % self.sample_every == 0:
-                    self.sampler(self.step)
+                    self._sample()
                     last_sampled = self.step
             ran = self.step > first_step  # a re-run of a finished job does nothing but report
             if self.sampler and ran and last_sampled != self.step:
-                self.sampler(self.step)
+                self._sample()
             if self.exporter and (ran or not (self.export_done and self.export_done())):
                 self._check_weights("export")
                 self.exporter()

@@ -16,6 +16,7 @@ import torch
 from engine.config import RunConfig
 from engine.console import progress
 from engine.train import dist
+from engine.train.quality import drop_rows_after
 
 log = logging.getLogger("vidistill.train")
 
@@ -48,6 +49,7 @@ class Observer:
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step + 1)
         if self.s.progress_bar:
             self.bar = progress(total=total, initial=step, desc=self.method.name, unit="step", dynamic_ncols=True)
+        drop_rows_after(self.run_dir / "quality" / "scores.jsonl", step)  # a resumed run redoes later steps
         self.log_text(f"training steps {step} -> {total} on {dist.world_size()} rank(s)")
 
     def log_text(self, msg: str) -> None:
@@ -76,6 +78,21 @@ class Observer:
         brief = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
         mfu = f" mfu={extra['perf/mfu']:.3g}" if "perf/mfu" in extra else ""
         self.log_text(f"step {step} {brief}{mfu} samples/s={extra['perf/samples_per_s']:.3g}")
+
+    def quality(self, step: int, report: dict) -> None:
+        """A sample step's quality report (engine/train/quality.py): scalars quality/<name>, warnings in the log."""
+        if self.tb is not None:
+            for k, v in report["scores"].items():
+                self.tb.add_scalar(f"quality/{k}", v, step)
+        scores, teacher = report["scores"], report.get("teacher", {})
+        shown = [
+            f"{k}={scores[k]:.4g}" + (f" (teacher {teacher[k]:.4g})" if k in teacher else "")
+            for k in ("saturation", "frame_diff", "travel", "instance_preservation")
+            if k in scores
+        ]
+        self.log_text(f"step {step} quality: " + ", ".join(shown))
+        for w in report["warnings"]:
+            self.log_text(f"step {step} WARNING quality drift: {w}")
 
     def close(self) -> None:
         if self.bar is not None:

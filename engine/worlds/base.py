@@ -69,6 +69,8 @@ class World:
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts of the sample videos written during training, and their (N, L, D) embeddings."""
     sample_context: torch.Tensor | None = None
+    sample_scorer: Callable[[torch.Tensor], dict[str, float]] | None = None
+    """World-specific scores of sample videos (N, 3, T, H, W) in [-1, 1] (the toy metrics), for the quality monitor."""
     kind: str = "custom"
     view_scale: int = 1
     """Pixel repeat of written mp4 files (4 in the toy world, whose clips are 32x32)."""

@@ -3,16 +3,18 @@ every rank; the training source holds the train split in memory."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.config import ConfigError, RunConfig
 from engine.toy.data import toy_tensors
+from engine.toy.evaluate import reference_for
+from engine.toy.metrics import compute_metrics
 from engine.toy.parts import toy_parts
 from engine.train import dist
 from engine.worlds.base import VIEW_SCALE, World, world_latent_shape
 from engine.worlds.source import TensorSource
-
-NUM_DEFAULT_SAMPLES = 4  # sample videos of the first val captions when logging.sample_prompts is empty
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -37,6 +39,21 @@ def check_toy_training(cfg: RunConfig, world_size: int) -> None:
         f"{cfg.optim.micro_batch_size} is more than the {per_rank} toy training clips per rank ({n_train} clips over "
         f"{world_size} ranks; raise toy.num_clips or lower the batch)",
     )
+
+
+def toy_scorer(cfg: RunConfig, prompts: list[str], val) -> Callable[[torch.Tensor], dict[str, float]] | None:
+    """The toy metrics of sample videos against what their prompts ask for, when every prompt is a held-out caption
+    (its ClipParams known); videos are the sample videos of every sample seed, prompt-major within a seed."""
+    index = {c: i for i, c in enumerate(val.captions)}
+    if not prompts or any(p not in index for p in prompts):
+        return None
+    params = [val.params[index[p]] for p in prompts]
+    reference = reference_for(cfg.toy)
+
+    def score(videos: torch.Tensor) -> dict[str, float]:
+        return compute_metrics(videos, params * (len(videos) // len(params)), reference)
+
+    return score
 
 
 def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: bool = False) -> World:
@@ -64,6 +81,7 @@ def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: b
             train.latents, train.context, cfg.optim.micro_batch_size,
             rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed, device=device,
         )  # fmt: skip
-        world.sample_prompts = list(cfg.logging.sample_prompts) or val.captions[:NUM_DEFAULT_SAMPLES]
+        world.sample_prompts = list(cfg.logging.sample_prompts) or val.captions[: cfg.logging.sample_count]
         world.sample_context = parts.text.encode(world.sample_prompts)[0]
+        world.sample_scorer = toy_scorer(cfg, world.sample_prompts, val)
     return world

@@ -29,7 +29,6 @@ from engine.worlds.base import VIEW_SCALE, World, latent_shape, world_latent_sha
 from engine.worlds.source import Batch
 
 log = logging.getLogger("vidistill.train")
-NUM_DEFAULT_SAMPLES = 4  # sample videos from the data's first captions when no prompts are configured
 PRECOMPUTE = "python -m launcher.precompute --config <this config>"
 
 
@@ -236,7 +235,7 @@ def _from_cache(cfg: RunConfig, world: World) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
-        world.sample_prompts, world.sample_context = _first_cached_captions(d.cache_dir, NUM_DEFAULT_SAMPLES)
+        world.sample_prompts, world.sample_context = _first_cached_captions(d.cache_dir, cfg.logging.sample_count)
 
 
 def _online(cfg: RunConfig, world: World) -> None:
@@ -255,7 +254,7 @@ def _online(cfg: RunConfig, world: World) -> None:
     )
     world.source = StreamSource(stream, world.latent_shape, world.device, kind="online")
     world.uncond = encoder.negative()[0].to(world.device)
-    prompts = list(cfg.logging.sample_prompts) or [e.caption for e in stream.reader.entries[:NUM_DEFAULT_SAMPLES]]
+    prompts = list(cfg.logging.sample_prompts) or [e.caption for e in stream.reader.entries[: cfg.logging.sample_count]]
     world.sample_prompts, world.sample_context = prompts, encoder.encode(prompts)[0]
 
 

@@ -1,6 +1,7 @@
 """The demo driver end to end on a small world: dataset, a (random) teacher, a 2-rank ZeRO-3 distillation through
 launcher/run.py, mp4s, and the metrics table with teacher, student and both VIF variants."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,11 @@ def test_demo_runs_end_to_end_and_reprints_without_redoing(tmp_path):
     for name in ("teacher_00.mp4", "student_00.mp4", "vif_contiguous_00.mp4"):
         assert probe(run_dir / "videos" / name)["frames"] == 9
     assert list((run_dir / "samples").glob("step0000002_seed0_*.mp4"))  # the trainer's own end-of-run samples
+    # ... scored by the quality monitor against the teacher's videos of the same prompts and seeds
+    last = json.loads((run_dir / "quality" / "scores.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and 0 <= last["instance_preservation"] <= 1 and last["saturation"] > 0
+    assert json.loads((run_dir / "quality" / "teacher.json").read_text())["scores"]["saturation"] > 0
+    assert "step 2 quality: saturation=" in (run_dir / "train.log").read_text()
     assert (run_dir / "export" / "transformer" / "config.json").is_file()
     # the configured interpolator (interp.checkpoint) is exported next to the student: the directory serves VIF as is
     shipped = ROOT / "engine" / "assets" / "toy_interpolator" / "model.safetensors"

@@ -229,3 +229,41 @@ def test_format_table():
     assert lines[0] == "| metric | real | student |"
     assert lines[2] == "| saturation | 0.250 | 0.500 |"
     assert lines[3] == "| dynamic_degree | 0.800 | - |"
+
+
+def _shaking(p: ClipParams, amplitude: float) -> np.ndarray:
+    """The object of ``p`` jumping ``amplitude`` px left and right of its place every frame: motion, no travel."""
+    return np.stack([clip_of(dataclasses.replace(p, objects=(dataclasses.replace(
+        p.objects[0], x=p.objects[0].x + (amplitude if t % 2 else -amplitude)),)))[0] for t in range(T)])  # fmt: skip
+
+
+def test_jitter_separates_shaking_objects_from_travelling_ones(reference):
+    moving = [one(direction="right", speed=2.0, x=8.0), one(direction="down", speed=1.0, y=10.0)]
+    smooth = metrics_of(moving, reference)
+    assert smooth["jitter"] < 0.2 and smooth["travel"] > 7.0
+    still = [one(), one(shape="square", x=12.0)]
+    shaking = metrics_of(still, reference, np.stack([_shaking(p, 3.0) for p in still]))
+    assert shaking["dynamic_degree"] == 1.0  # the flow figure calls it motion ...
+    assert shaking["jitter"] == pytest.approx(3.0, abs=0.3)  # ... jitter says it is shaking in place
+    assert metrics_of([one()], reference)["jitter"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_flicker_counts_what_the_motion_does_not_explain(reference):
+    params = [one(direction="right", speed=2.0, x=8.0), one(direction="up", speed=1.5, y=24.0)]
+    clips = np.stack([clip_of(p) for p in params])
+    smooth = metrics_of(params, reference, clips)
+    flickering = clips.copy()
+    flickering[:, 1::2] = np.clip(flickering[:, 1::2].astype(int) + 40, 0, 255).astype(np.uint8)  # every other frame
+    flicker = metrics_of(params, reference, flickering)
+    assert smooth["flicker"] < 0.01
+    assert flicker["flicker"] > 0.1  # ~40/255 of brightness change on alternate frame pairs
+    # motion alone does not raise it: faster travel, same near-zero flicker
+    faster = metrics_of([one(direction="right", speed=3.0, x=6.0)], reference)
+    assert faster["flicker"] < 0.01 and faster["motion"] > smooth["motion"]
+
+
+def test_real_clips_have_low_flicker_and_jitter(reference):
+    cfg = ToyWorldConfig(seed=3)
+    params = [sample_params(cfg, i) for i in range(24)]
+    m = metrics_of(params, reference, np.stack([render_clip(p, cfg.height, cfg.width, cfg.num_frames) for p in params]))
+    assert m["flicker"] < 0.02 and m["jitter"] < 0.5
