@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.config import ConfigError, load_config
+    from engine.data.cache import CacheError
+    from engine.data.skips import AllSamplesBadError
     from engine.worlds.precompute import run_precompute
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -56,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"precompute: error: {exc}", file=sys.stderr)
         return 2
+    except CacheError as exc:  # shards of another configuration in data.cache_dir
+        print(f"precompute: error: config key `data.cache_dir`: {exc}", file=sys.stderr)
+        return 2
+    except AllSamplesBadError as exc:
+        print(f"precompute: error: config key `data.manifest`: {exc}", file=sys.stderr)
+        return 1
     for kind, ok in done.items():
-        print(f"{kind}: {'index written' if ok else 'shards written; index pending other ranks'}")
+        print(f"{kind}: {'index written' if ok else 'this rank is done; the last rank to finish writes the index'}")
     return 0
 
 
