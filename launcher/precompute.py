@@ -20,7 +20,7 @@ from engine import console
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (data, text_encoder and vae sections are used)")
-    parser.add_argument("--kinds", nargs="+", default=["text", "latents"], choices=["text", "latents"])
+    parser.add_argument("--kinds", nargs="+", default=["text", "latents"], help="text, latents (default: both)")
     parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     parser.add_argument("--text-shard-size", type=int, default=256, help="prompts per text shard")
@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     console.add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.cache_dir=cache/")
     args = parser.parse_intermixed_args(argv)
+    args.overrides += [k for k in args.kinds if "=" in k]  # overrides written after --kinds are overrides
+    args.kinds = [k for k in args.kinds if "=" not in k]
+    if not args.kinds or set(args.kinds) - {"text", "latents"}:
+        parser.error(f"argument --kinds: expected text and/or latents, got {args.kinds}")
     console.install(verbose=args.verbose)
     console.setup_logging()
 

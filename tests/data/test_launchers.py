@@ -111,7 +111,7 @@ def test_precompute_errors_name_the_config_key(tmp_path, vp9_entries, capsys, ov
     argv = _text_argv(tmp_path, vp9_entries)
     assert precompute_cli.main(argv) == 0  # a text cache made with max_length 8
     capsys.readouterr()
-    assert precompute_cli.main([*argv[:-2], *overrides, "--kinds", *kinds]) == 2
+    assert precompute_cli.main([*argv[:-2], "--kinds", *kinds, *overrides]) == 2  # overrides may follow --kinds
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("precompute: error: ") and sum("error" in line for line in err) == 1  # no traceback
     assert "Traceback" not in "\n".join(err) and re.search(match, err[-1]), err
