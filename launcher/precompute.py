@@ -20,7 +20,7 @@ from engine import console
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (data, text_encoder and vae sections are used)")
-    parser.add_argument("--kinds", nargs="+", default=["text", "latents"], choices=["text", "latents"])
+    parser.add_argument("--kinds", nargs="+", default=["text", "latents"], help="text, latents (default: both)")
     parser.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
     parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     parser.add_argument("--text-shard-size", type=int, default=256, help="prompts per text shard")
@@ -31,12 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     console.add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.cache_dir=cache/")
     args = parser.parse_intermixed_args(argv)
+    args.overrides += [k for k in args.kinds if "=" in k]  # overrides written after --kinds are overrides
+    args.kinds = [k for k in args.kinds if "=" not in k]
+    if not args.kinds or set(args.kinds) - {"text", "latents"}:
+        parser.error(f"argument --kinds: expected text and/or latents, got {args.kinds}")
     console.install(verbose=args.verbose)
     console.setup_logging()
 
     import torch
 
     from engine.config import ConfigError, load_config
+    from engine.data.cache import CacheError
+    from engine.data.skips import AllSamplesBadError
     from engine.worlds.precompute import run_precompute
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -56,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"precompute: error: {exc}", file=sys.stderr)
         return 2
+    except CacheError as exc:  # shards of another configuration in data.cache_dir
+        print(f"precompute: error: config key `data.cache_dir`: {exc}", file=sys.stderr)
+        return 2
+    except AllSamplesBadError as exc:
+        print(f"precompute: error: config key `data.manifest`: {exc}", file=sys.stderr)
+        return 1
     for kind, ok in done.items():
-        print(f"{kind}: {'index written' if ok else 'shards written; index pending other ranks'}")
+        print(f"{kind}: {'index written' if ok else 'this rank is done; the last rank to finish writes the index'}")
     return 0
 
 

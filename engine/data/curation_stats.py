@@ -10,10 +10,14 @@
   grow with the source resolution.
 - **Temporal consistency**: VBench's temporal-flickering score, ``1 - mean|f_t - f_{t+1}| / 255`` over consecutive
   frames (model-free; VBench's feature-based scores need networks we do not download).
+
+These are measurements, not decisions: :func:`frame_stats` computes all of them for a video whatever the thresholds
+(``engine.data.curation`` decides), so a change of threshold re-decides from the stored numbers without decoding.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import av
@@ -80,46 +84,68 @@ def _decode(path: str, wanted: set[int]) -> dict[int, np.ndarray]:
     return frames
 
 
-def analyze_video(path: str, cfg: Any, scorer: Optional[Any] = None) -> dict[str, Any]:
-    """Statistics of one video and the first filter it fails (``reason``), stopping at that filter."""
+def file_key(path: str) -> dict[str, int]:
+    """What identifies the measured file: its size and modification time (empty when it does not exist)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def probe_stats(path: str) -> dict[str, Any]:
+    """Resolution, fps, frame count and duration from the container (no decoding), or ``error`` and ``detail``."""
     try:
         info = probe_video(path, min_side=1, max_side=1 << 16)
     except BadSample as err:
-        return {"path": path, "passed_filters": False, "reason": f"unreadable:{err.reason}", "detail": err.detail}
-    stats: dict[str, Any] = {
-        "path": path,
+        return {"error": err.reason, "detail": err.detail}
+    return {
         "width": info.width,
         "height": info.height,
         "fps": info.fps,
         "num_frames": info.num_frames,
+        "duration": info.num_frames / info.fps,
         "codec": info.codec,
     }
-    if info.width < cfg.min_width or info.height < cfg.min_height:
-        return {**stats, "passed_filters": False, "reason": "low_resolution"}
-    plan = _plan(info.num_frames, cfg)
+
+
+def frame_stats(path: str, num_frames: int, cfg: Any, scorer: Optional[Any] = None) -> dict[str, Any]:
+    """Every decoded statistic of one video (whatever the thresholds), with the settings they were measured with."""
+    plan = _plan(num_frames, cfg)
     wanted = set(plan["quality"]) | set(plan["aesthetic"]) | {i + d for i in plan["pairs"] for d in (0, 1)}
     try:
         frames = _decode(path, wanted)
     except av.FFmpegError as exc:
-        return {**stats, "passed_filters": False, "reason": "unreadable:decode_error", "detail": str(exc)}
-    return {**stats, **_filter(frames, plan, cfg, scorer)}
-
-
-def _filter(frames: dict[int, np.ndarray], plan: dict[str, list[int]], cfg: Any, scorer: Any) -> dict[str, Any]:
+        return {"error": "decode_error", "detail": str(exc)}
     quality = [frames[i] for i in plan["quality"] if i in frames]
-    out: dict[str, Any] = {"hue_entropy": [hue_entropy(f, cfg.hue_bins, cfg.achromatic) for f in quality]}
-    if not quality or min(out["hue_entropy"]) < cfg.hue_entropy_min:
-        return {**out, "passed_filters": False, "reason": "monochrome"}
-    out["laplacian_var"] = [laplacian_variance(f) for f in quality]
-    if min(out["laplacian_var"]) < cfg.laplacian_var_min:
-        return {**out, "passed_filters": False, "reason": "blurry"}
+    if not quality:
+        return {"error": "decode_error", "detail": f"{path}: no frame decoded"}
     pairs = [(frames[i], frames[i + 1]) for i in plan["pairs"] if i in frames and i + 1 in frames]
     small = [(_downscale(a, cfg.flow_height), _downscale(b, cfg.flow_height)) for a, b in pairs]
     grays = [(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), cv2.cvtColor(b, cv2.COLOR_RGB2GRAY)) for a, b in small]
-    out["flow_mean"] = float(np.mean([flow_magnitude(a, b) for a, b in grays])) if grays else 0.0
-    if out["flow_mean"] < cfg.flow_min:
-        return {**out, "passed_filters": False, "reason": "static"}
-    out["consistency"] = float(np.mean([flicker_consistency(a, b) for a, b in small]))
+    out: dict[str, Any] = {
+        "measured_with": measure_settings(cfg),
+        "hue_entropy": [hue_entropy(f, cfg.hue_bins, cfg.achromatic) for f in quality],
+        "laplacian_var": [laplacian_variance(f) for f in quality],
+        "flow_mean": float(np.mean([flow_magnitude(a, b) for a, b in grays])) if grays else 0.0,
+        "consistency": float(np.mean([flicker_consistency(a, b) for a, b in small])) if small else 0.0,
+    }
     if scorer is not None:
         out["aesthetic"] = float(np.mean([scorer(frames[i]) for i in plan["aesthetic"] if i in frames]))
-    return {**out, "passed_filters": True, "reason": None}
+    return out
+
+
+# The settings that change what frame_stats measures (the thresholds only change the decisions).
+MEASURE_SETTINGS = ("frame_positions", "hue_bins", "achromatic", "flow_pairs", "flow_height")
+AESTHETIC_SETTINGS = ("aesthetic_scorer", "aesthetic_frames")
+
+
+def measure_settings(cfg: Any) -> dict[str, Any]:
+    keys = MEASURE_SETTINGS + (AESTHETIC_SETTINGS if cfg.aesthetic_scorer else ())
+    return {k: list(v) if isinstance(v := getattr(cfg, k), tuple) else v for k in keys}
+
+
+def measured_alike(stored: dict[str, Any], cfg: Any) -> bool:
+    """Whether statistics measured with ``stored`` settings serve ``cfg`` (a scorer's score only if it is this one)."""
+    now = measure_settings(cfg)
+    return all(stored.get(k) == v for k, v in now.items())

@@ -39,6 +39,8 @@ class ManifestEntry:
     path: str
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="", compare=False)
+    """Where the row is in its manifest (``line N``), for error messages."""
 
 
 @dataclass
@@ -122,7 +124,7 @@ def load_manifest(
         except BadSample as err:
             skipped.skip(f"{source}:{where}", err)
             continue
-        entries.append(ManifestEntry(len(entries), full, caption, meta))
+        entries.append(ManifestEntry(len(entries), full, caption, meta, where))
     return Manifest(entries, skipped, str(source))
 
 

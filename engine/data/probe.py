@@ -59,7 +59,59 @@ def _open(path: str) -> av.container.InputContainer:
     try:
         return av.open(path)
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
-        raise BadSample("not_video", f"{path}: {exc}") from exc
+        cut = _cut_short(path)  # an MP4 cut before its index (moov) does not open at all: say what it is
+        raise BadSample("truncated" if cut else "not_video", f"{path}: {cut or exc}") from exc
+
+
+def _cut_short(path: str) -> str | None:
+    """How an MP4/MOV or Matroska/WebM file's own structure says it ends early; None when it does not say so."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if head[4:8] == b"ftyp":  # ISO base media: a chain of boxes (32-bit size, type; size 1: 64-bit size follows)
+            pos = 0
+            while pos < size:
+                fh.seek(pos)
+                box = fh.read(16)
+                if len(box) < 8:
+                    return f"ends inside a box header at byte {pos}"
+                n, kind = int.from_bytes(box[:4], "big"), box[4:8].decode("latin-1")
+                n = int.from_bytes(box[8:16], "big") if n == 1 and len(box) == 16 else (size - pos if n == 0 else n)
+                if n < 8:
+                    return None  # not a box chain: not ours to diagnose
+                if pos + n > size:
+                    return f"box {kind!r} at byte {pos} declares {n} bytes, the file ends after {size - pos}"
+                pos += n
+            return None
+        if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: the header element, then the Segment holding everything
+            fh.seek(4)
+            header = _ebml_size(fh)
+            if header is None:
+                return "ends inside its EBML header"
+            fh.seek(fh.tell() + header)
+            if fh.read(4) != b"\x18\x53\x80\x67":
+                return "ends before its Segment" if fh.tell() >= size else None
+            n = _ebml_size(fh)
+            if n is None:
+                return "ends inside its Segment header"
+            body = size - fh.tell()
+            return f"its Segment declares {n} bytes, the file holds {body}" if n != -1 and n > body else None
+    return None
+
+
+def _ebml_size(fh) -> int | None:
+    """An EBML variable-length size at the file position (-1: unknown size); None when the file ends inside it."""
+    first = fh.read(1)
+    if not first:
+        return None
+    if first[0] == 0:
+        return -1  # longer than 8 bytes: not valid EBML, nothing to say
+    length = 8 - first[0].bit_length() + 1
+    rest = fh.read(length - 1)
+    if len(rest) < length - 1:
+        return None
+    value = int.from_bytes(bytes([first[0] & (0xFF >> length)]) + rest, "big")
+    return -1 if value == (1 << (7 * length)) - 1 else value
 
 
 def probe_video(path: str, *, min_side: int = 16, max_side: int = 8192) -> VideoInfo:
@@ -67,7 +119,8 @@ def probe_video(path: str, *, min_side: int = 16, max_side: int = 8192) -> Video
     container = _open(path)
     try:
         if not container.streams.video:
-            raise BadSample("not_video", f"{path} has no video stream")
+            cut = _cut_short(path)
+            raise BadSample("truncated" if cut else "not_video", f"{path} has no video stream{f': {cut}' * bool(cut)}")
         stream = container.streams.video[0]
         codec = stream.codec_context.name
         width, height, fps = stream.codec_context.width, stream.codec_context.height, _fps(stream)

@@ -18,9 +18,17 @@ from typing import Any
 import torch
 
 from engine.config import ConfigError
-from engine.data.cache import CacheError, precompute_latents, precompute_text, write_index, write_negative
+from engine.data.cache import (
+    precompute_latents,
+    precompute_text,
+    rank_shards,
+    shard_path,
+    write_index,
+    write_negative,
+)
 from engine.data.manifest import load_manifest
-from engine.worlds import build_world
+from engine.worlds import build_world, kind_of
+from engine.worlds.wan import _need_path
 
 logger = logging.getLogger("engine.data")
 
@@ -48,12 +56,35 @@ def _fingerprints(cfg: Any, manifest_path: str, num_entries: int, shard_size: di
 
 
 def _try_index(cache_dir: str, kind: str, num_entries: int, shard_size: int) -> bool:
-    try:
-        write_index(cache_dir, kind, num_entries, shard_size)
-    except CacheError as exc:
-        logger.info("%s cache: index not written yet (%s)", kind, exc)
+    """Write the index once every shard exists; while other ranks still write theirs, say so (nothing to re-run)."""
+    num_shards = -(-num_entries // shard_size)
+    missing = [k for k in range(num_shards) if not shard_path(cache_dir, kind, k).exists()]
+    if missing:
+        logger.info(
+            "%s cache: %d of %d shards still being written by other ranks; the last rank to finish writes the index",
+            kind, len(missing), num_shards,
+        )  # fmt: skip
         return False
+    write_index(cache_dir, kind, num_entries, shard_size)  # a CacheError here names data.cache_dir (launcher)
     return True
+
+
+def _say_if_idle(kind: str, num_entries: int, shard_size: int, rank: int, world_size: int) -> None:
+    if not rank_shards(num_entries, shard_size, rank, world_size):
+        num_shards = -(-num_entries // shard_size)
+        logger.info(
+            "%s cache: rank %d has no shard to write (%d shards for %d ranks)", kind, rank, num_shards, world_size
+        )
+
+
+def _check_models(cfg: Any, kinds: Sequence[str]) -> None:
+    """The encoders precompute loads exist (errors name the key), before any model is loaded."""
+    if kind_of(cfg) != "wan":
+        return  # the toy world's encoders are built, not loaded
+    if "text" in kinds:
+        _need_path(cfg.text_encoder.path, "text_encoder.path", "precompute encodes the captions with umT5")
+    if "latents" in kinds:
+        _need_path(cfg.vae.path, "vae.path", "precompute encodes the clips with the Wan VAE")
 
 
 def _read_manifest(d: Any):
@@ -86,10 +117,13 @@ def run_precompute(
 
     d = cfg.data
     manifest = _read_manifest(d)
+    _check_models(cfg, kinds)
     sizes = {"text": text_shard_size, "latents": latent_shard_size}
     prints = _fingerprints(cfg, d.manifest, len(manifest), sizes)
     done = {}
     world = build_world(cfg, device)  # nothing is loaded until a kind asks for its encoder
+    for kind in kinds:
+        _say_if_idle(kind, len(manifest), sizes[kind], rank, world_size)
     if "text" in kinds:
         encoder = world.load_text()
         precompute_text(
