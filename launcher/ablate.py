@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     out = write_results(
         records, abl.real, args.seeds, Path(args.docs), Path(args.out), command=command,
         wall_seconds=abl.wall_seconds, tau=cfg.method.temporal.tau,
-        real_temporal_loss=temporal_loss_of(real_latents, cfg), codec=parts.codec,
+        real_temporal_loss=temporal_loss_of(real_latents, cfg), codec=parts.codec, n=args.eval_clips,
+        monitored=cfg.logging.sample_count,
     )  # fmt: skip
     for v in out["verdicts"]:
         print(f"ablate: {v['verdict']:>12}: {v['claim']} ({v['metric']} {v['effect']:+.3f} ± {v['spread']:.3f})")

@@ -88,6 +88,8 @@ def write_results(
     tau: float,
     real_temporal_loss: float,
     codec,
+    n: int = 100,
+    monitored: int = 32,
 ) -> dict:
     """Write the JSON files, the plots and the RESULTS.md section; returns the verdicts."""
     results = docs / "results"
@@ -118,7 +120,7 @@ def write_results(
         f"of this invocation {wall_seconds / 60:.1f} min; training {train_min:.1f} min and scoring {score_min:.1f} min "
         "in total over every invocation that built these runs.",
         "",
-        "Mean ± standard deviation across seeds, 100 held-out prompts per seed (metric definitions: "
+        f"Mean ± standard deviation across seeds, {n} held-out prompts per seed (metric definitions: "
         "[toy-world.md](toy-world.md#metrics)). `latent_temporal_loss` is L_temp = -log(v + eps) of the latents "
         "before truncation, over batches of the distillation's micro-batch size.",
         "",
@@ -157,8 +159,8 @@ def write_results(
         body += [
             "### During distillation (the paper's Figure 1)",
             "",
-            "The sample videos scored at every `logging.sample_every` steps by the quality monitor (32 held-out "
-            "prompts; mean over seeds, band min-max; dashed: the teacher on the same prompts and noise):",
+            f"The sample videos scored at every `logging.sample_every` steps by the quality monitor ({monitored} "
+            "held-out prompts; mean over seeds, band min-max; dashed: the teacher on the same prompts and noise):",
             "",
             f"![metrics over training]({curves.relative_to(docs)})",
             "",
@@ -233,7 +235,8 @@ def plot_frames(out: Path, seed: int, variants: list[str], codec, dest: Path) ->
         with torch.no_grad():
             video = ((codec.decode(lat).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, 3, T, H, W)
         frames = video[:, :, ::2].permute(0, 2, 3, 4, 1).numpy()  # (N, T', H, W, 3)
-        strip = np.concatenate([np.concatenate(list(clip), axis=1) for clip in frames], axis=1)  # (H, N T' W, 3)
+        gap = np.full((frames.shape[2], 4, 3), 255, dtype=np.uint8)  # a white column between videos
+        strip = np.concatenate([x for clip in frames for x in (np.concatenate(list(clip), axis=1), gap)][:-1], axis=1)
         rows.append((BY_NAME[v].label, strip, len(frames)))
     if not rows:
         return None
