@@ -308,7 +308,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s per device for MFU; None = 989 (H100 bf16) on CUDA, 0.077 (measured fp32 CPU) otherwise."""
     phase_timing: bool = True
-    """Per-phase wall times (synchronizes CUDA at phase edges)."""
+    """Per-phase times (CUDA events read at log steps, no host sync in the step; wall-clock on CPU)."""
 
 
 @dataclass
