@@ -322,7 +322,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s per device for MFU; None = 989 (H100 bf16) on CUDA, 0.077 (measured fp32 CPU) otherwise."""
     phase_timing: bool = True
-    """Per-phase wall times (synchronizes CUDA at phase edges)."""
+    """Per-phase times (CUDA events read at log steps, no host sync in the step; wall-clock on CPU)."""
     sample_count: int = 4
     """Sample prompts a world picks when sample_prompts is empty (toy: the first N held-out captions)."""
     quality: QualityConfig = field(default_factory=QualityConfig)

@@ -44,7 +44,7 @@ class DMDMethod:
         self.sigmas = self.schedule.student_sigmas(d.student_timesteps).to(device)  # (K,)
         r = cfg.method.regression
         self.regression = AdaptiveRegressionLoss(len(d.student_timesteps), r.k, r.ema_decay, r.adaptive).to(device)
-        self.timer = PhaseTimer(sync=cfg.logging.phase_timing)
+        self.timer = PhaseTimer(events=cfg.logging.phase_timing)
         fwd = dit_forward_flops(roles.model_cfg, self.latent_shape[1:], self.uncond.shape[1])
         self.flops_per_forward, self.tokens_per_sample = fwd["total"], fwd["tokens"]
         self.flops = 0.0  # model FLOPs executed since the last pop_flops() (forward 1x, forward+backward 3x)

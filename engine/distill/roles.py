@@ -25,6 +25,7 @@ from engine.models.checkpoint import (
 )
 from engine.models.wan import WanModel
 from engine.train import dist
+from engine.train.zero_trace import keep_grad_trace
 
 RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len")
 
@@ -126,4 +127,6 @@ def build_roles(cfg: RunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> R
         model=critic, optimizer=_adamw(critic, cfg, cfg.optim.critic_lr), config=ds_cfg
     )
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=ds_cfg)
+    for engine in (gen_engine, critic_engine):  # run with and without gradient: keep ZeRO-3's prefetch trace valid
+        keep_grad_trace(engine)
     return Roles(teacher_engine, gen_engine, critic_engine, model_cfg)

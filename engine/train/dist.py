@@ -51,9 +51,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True when flag holds on every rank (one small collective)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def all_true(flag: bool | torch.Tensor, device: torch.device | str = "cpu") -> bool:
+    """True when flag (a bool, or a bool tensor on the device: then one host sync in all) holds on every rank (one
+    small collective)."""
+    if isinstance(flag, torch.Tensor):
+        t = flag.detach().reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)

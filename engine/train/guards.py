@@ -57,12 +57,22 @@ def _module(engine) -> torch.nn.Module:
     return engine.module
 
 
-def local_grads_finite(engine) -> bool:
-    """This rank's module gradients are all finite (one host sync). For engines :func:`deepspeed_guards` is False."""
+def local_grads_finite(engine) -> torch.Tensor:
+    """Whether this rank's module gradients are all finite, as a device bool (no host sync: :func:`dist.all_true`
+    reads it). For engines :func:`deepspeed_guards` is False."""
     grads = [p.grad for p in _module(engine).parameters() if p.grad is not None]
     if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all().item())
+        return torch.ones((), dtype=torch.bool, device=dist.device())
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
+def nan_unless(finite: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` times 1 when ``finite`` (a device bool), else times NaN, decided on the device. Back-propagated, the
+    NaN reaches the gradients (the output layer's at least: its gradient is the loss's, times NaN), so a non-finite
+    loss fails the gradient check of the optimizer step, and the loop needs no host sync of its own to decide it;
+    times 1 changes no bit of the loss or of any gradient. (A loss whose every path to the weights is masked, e.g. by
+    a ``where``, would escape; every loss of the engine has an unmasked squared-error term.)"""
+    return loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)
 
 
 def discard_step(engine) -> None:

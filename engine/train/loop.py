@@ -264,26 +264,36 @@ class Loop:
 
     def _apply(self, update: Update) -> bool:
         """backward + step when the loss is finite on every rank and the gradient norm at the optimizer step too;
-        otherwise skip everywhere (the gradients discarded) and count it."""
+        otherwise skip everywhere (the gradients discarded) and count it. One host sync per update: at an optimizer
+        boundary the loss's finiteness is folded into the gradient check of the step (DeepSpeed's or ours), see
+        :func:`guards.nan_unless`; only a skipped update reads the loss again, to name the cause."""
         engine, loss, role = self.method.engines[update.role], update.loss, update.role
-        if not dist.all_true(bool(torch.isfinite(loss).item()), device=loss.device):
+        finite = torch.isfinite(loss.detach()).all()  # a device bool
+        boundary = guards.at_boundary(engine)
+        if not boundary and not dist.all_true(finite, device=loss.device):  # no gradient check before the boundary
             self._skip(role, "loss", self._bad_checks(update))
             return False
-        boundary = guards.at_boundary(engine)
         with self.method.timer(f"{role}_backward"):
-            engine.backward(loss)
+            engine.backward(guards.nan_unless(finite, loss) if boundary else loss)
         own_check = boundary and not guards.deepspeed_guards(engine)
         if own_check and not dist.all_true(guards.local_grads_finite(engine), device=loss.device):
             guards.discard_step(engine)
-            self._skip(role, "grad_norm")
+            self._skip(role, *self._cause(update, finite))
             return False
         with self.method.timer("optimizer"):
             engine.step()
         if boundary and not guards.step_applied(engine):  # DeepSpeed's own check discarded the step
-            self._skip(role, "grad_norm")
+            self._skip(role, *self._cause(update, finite))
             return False
         self.in_a_row[role] = 0
         return True
+
+    def _cause(self, update: Update, finite: torch.Tensor) -> tuple[str, list[str]]:
+        """Collective, on the skip path only: ("loss", its non-finite parts) when the loss was not finite on some
+        rank, else ("grad_norm", [])."""
+        if dist.all_true(finite, device=update.loss.device):
+            return "grad_norm", []
+        return "loss", self._bad_checks(update)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         batch = None
