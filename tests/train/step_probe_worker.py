@@ -27,7 +27,9 @@ from engine.config import load_config
 from engine.distill.job import run_distillation
 from engine.train import dist
 from engine.train.zero_trace import GradTrace, coordinator
-from tests.distill.ds_worker import make_world
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: torchrun puts only this directory
+from tests.distill.ds_worker import make_world  # noqa: E402
 
 SYNCING = ("item", "tolist", "__float__", "__int__", "__index__", "__bool__", "cpu", "numpy")
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,11 +41,14 @@ def _site() -> str:
         path = Path(frame.filename)
         if "torch" in path.parts or path == Path(__file__):
             continue
-        try:
-            name = str(path.resolve().relative_to(ROOT))
-        except ValueError:
-            parts = path.parts
-            name = "/".join(parts[parts.index("site-packages") + 1 :]) if "site-packages" in parts else str(path)
+        parts = path.parts
+        if "site-packages" in parts:  # a library, wherever the environment lives (also inside the checkout)
+            name = "/".join(parts[parts.index("site-packages") + 1 :])
+        else:
+            try:
+                name = str(path.resolve().relative_to(ROOT))
+            except ValueError:
+                name = str(path)
         return f"{name}:{frame.function}"
     return "?"
 
