@@ -63,3 +63,23 @@ def test_summary_statuses(tmp_path):
     md = summary.markdown(stages, {"name": "x"}, dry_run=False)
     assert "| dit | failed: RuntimeError: boom |" in md and "| vif | missing |" in md
     assert "(incomplete record: missing 'cycle_s')" not in md and "steps timed: []" in md
+
+
+def test_summary_tables_of_measured_rows():
+    row = dict(kernel="adaln", passes="fwd", gbps=2000.0, gflops=8000.0, roof="memory")
+    rows = [{**row, "provider": "torch_eager", "ms": 2.0, "peak_fraction": 0.3},
+            {**row, "provider": "fused_triton", "ms": 0.5, "peak_fraction": 0.6}]  # fmt: skip
+    table = summary.kernels_md({"rows": rows})
+    assert table[0].startswith("| kernel | passes | provider |") and len(table) == 4
+    assert table[2] == "| adaln | fwd | fused_triton | 0.500 | 2000 | 8.0 | 60.0% (memory) | 4.00x |"
+    dit = dict(
+        blocks=30,
+        tokens=32760,
+        attention_backend="sdpa",
+        forward_ms=700.0,
+        forward_backward_ms=2500.0,
+        forward_backward_tflops=350.0,
+        peak_fraction=0.354,
+        projected_30_blocks_forward_backward_s=2.5,
+    )
+    assert summary.dit_md({"rows": [dit]})[2] == "| 30 | 32760 | sdpa | 700.0 | 2500.0 | 350.0 | 35.4% | 2.50 |"

@@ -45,35 +45,33 @@ def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def kernels_md(rec: dict) -> list[str]:
     rows = [r for r in rec["rows"] if "ms" in r]
     if not rows:
         return [f"{len(rec['rows'])} kernel paths ran once each (dry run: not timed)."]
-    out = [
-        "| kernel | passes | provider | ms | GB/s | TFLOP/s | % of peak | vs eager |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
     eager = {(r["kernel"], r["passes"]): r["ms"] for r in rows if r["provider"] == "torch_eager"}
+    cells = []
     for r in sorted(rows, key=lambda r: (r["kernel"], r["passes"], r["provider"])):
         base = eager.get((r["kernel"], r["passes"]))
-        out.append(
-            f"| {r['kernel']} | {r['passes']} | {r['provider']} | {r['ms']:.3f} | {r['gbps']:.0f} | "
-            f"{r['gflops'] / 1e3:.1f} | {_pct(r['peak_fraction'])} ({r['roof']}) | "
-            f"{_f(base / r['ms'] if base else None)}x |"
-        )
-    return out
+        cells.append([r["kernel"], r["passes"], r["provider"], f"{r['ms']:.3f}", f"{r['gbps']:.0f}",
+                      f"{r['gflops'] / 1e3:.1f}", f"{_pct(r['peak_fraction'])} ({r['roof']})",
+                      f"{_f(base / r['ms'] if base else None)}x"])  # fmt: skip
+    return _table(["kernel", "passes", "provider", "ms", "GB/s", "TFLOP/s", "% of peak", "vs eager"], cells)
 
 
 def dit_md(rec: dict) -> list[str]:
-    out = ["| blocks | tokens | attention | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % of peak | 30 blocks fwd+bwd s |",
-           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rec["rows"]:
-        out.append(
-            f"| {r['blocks']}{' (probe)' if r.get('probe') else ''} | {r['tokens']} | {r['attention_backend']} | "
-            f"{r['forward_ms']:.1f} | {r['forward_backward_ms']:.1f} | {r['forward_backward_tflops']:.1f} | "
-            f"{_pct(r.get('peak_fraction'))} | {r['projected_30_blocks_forward_backward_s']:.2f} |"
-        )
-    return out
+    cells = [[f"{r['blocks']}{' (probe)' if r.get('probe') else ''}", str(r["tokens"]), r["attention_backend"],
+              f"{r['forward_ms']:.1f}", f"{r['forward_backward_ms']:.1f}", f"{r['forward_backward_tflops']:.1f}",
+              _pct(r.get("peak_fraction")), f"{r['projected_30_blocks_forward_backward_s']:.2f}"]
+             for r in rec["rows"]]  # fmt: skip
+    header = ["blocks", "tokens", "attention", "fwd ms", "fwd+bwd ms", "fwd+bwd TFLOP/s", "% of peak",
+              "30 blocks fwd+bwd s"]  # fmt: skip
+    return _table(header, cells)
 
 
 def distill_md(rec: dict) -> list[str]:
@@ -121,11 +119,12 @@ def markdown(stages: dict, device: dict, dry_run: bool) -> str:
     d = device.get
     lines.append(f"Device: {d('name')} (peak {d('peak_gbps')} GB/s, {d('peak_tflops')} bf16 TFLOP/s); "
                  f"torch {d('torch')}, CUDA {d('cuda')}, Triton {d('triton')}")  # fmt: skip
-    lines += ["", "| stage | status | seconds |", "|---|---|---|"]
+    cells = []
     for name, s in stages.items():
         rec = s.get("record", {})
         err = f": {rec['error']}" if rec.get("error") else ""
-        lines.append(f"| {name} | {s['status']}{err} | {_f(rec.get('seconds'), '.0f', '')} |")
+        cells.append([name, f"{s['status']}{err}", _f(rec.get("seconds"), ".0f", "")])
+    lines += ["", *_table(["stage", "status", "seconds"], cells)]
     for name, s in stages.items():
         title, section = SECTIONS[name]
         lines += ["", f"## {title}", ""]
