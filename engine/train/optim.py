@@ -30,7 +30,7 @@ def _first_line(exc: BaseException) -> str:
 
 def load_cpu_adam() -> Any:
     """DeepSpeed's ``cpu_adam`` op (prebuilt, or compiled now); ConfigError naming the key when it cannot be had."""
-    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+    from deepspeed.ops.op_builder import CPUAdamBuilder  # the class DeepSpeedCPUAdam loads (per accelerator)
 
     builder = CPUAdamBuilder()
     if not builder.is_compatible(verbose=False):

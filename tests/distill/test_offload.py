@@ -46,7 +46,7 @@ def test_deepspeed_refuses_torch_adamw_with_offload_and_takes_cpu_adam():
 
 
 def test_offload_refused_at_config_time(tmp_path, capsys, monkeypatch):
-    from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+    from deepspeed.ops.op_builder import CPUAdamBuilder
 
     cfg = load_config(TOY, ["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"])
     with pytest.raises(ConfigError, match=r"`deepspeed.offload_optimizer`: needs deepspeed.zero_stage 1, 2 or 3"):
