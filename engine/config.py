@@ -252,7 +252,7 @@ class DeepSpeedConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Training precision; auto = bf16 on CUDA, fp32 on CPU."""
     offload_optimizer: bool = False
-    """Keep optimizer states in CPU memory."""
+    """Keep optimizer states in CPU memory (ZeRO 1-3; DeepSpeed's CPU Adam, its op built on first use)."""
     offload_param: bool = False
     """Keep partitioned parameters in CPU memory."""
     overlap_comm: bool = True
@@ -962,6 +962,7 @@ def deepspeed_config(
     zero_stage: Optional[int] = None,
     gradient_clipping: Optional[float] = None,
     dtype=None,
+    offload_optimizer: Optional[bool] = None,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON for a trained role, from the one run config (batch size, dtype and ZeRO stage of
     ``optim`` and ``deepspeed``); a job training another model (the interpolator) overrides what its own section
@@ -987,7 +988,7 @@ def deepspeed_config(
             stage3_max_live_parameters=ds.max_live_parameters,
             stage3_gather_16bit_weights_on_model_save=False,
         )
-    if ds.offload_optimizer:
+    if ds.offload_optimizer if offload_optimizer is None else offload_optimizer:  # engine.train.optim: CPU Adam
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_param:
         _require(stage == 3, "deepspeed.offload_param", "needs deepspeed.zero_stage=3")

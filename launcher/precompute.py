@@ -38,15 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     console.install(verbose=args.verbose)
     console.setup_logging()
 
-    import torch
-
     from engine.config import ConfigError, load_config
     from engine.data.cache import CacheError
     from engine.data.skips import AllSamplesBadError
-    from engine.worlds.precompute import run_precompute
+    from engine.worlds.precompute import run_precompute, select_device
 
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     try:
+        device = str(select_device(args.device))  # cuda:<LOCAL_RANK>: run_precompute makes it the current device
         cfg = load_config(args.config, args.overrides)
         done = run_precompute(
             cfg,

@@ -28,6 +28,7 @@ from engine.data.skips import BadSample
 
 logger = logging.getLogger("engine.data")
 
+_DALI_CODECS = {"cpu": DALI_CPU_CODECS, "gpu": DALI_GPU_CODECS}
 _RGB_FLAGS = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
 
 
@@ -82,11 +83,11 @@ class DaliDecoder:
     """NVIDIA DALI's ``fn.decoders.video`` over in-memory files, one pipeline run per chunk.
 
     ``device="gpu"`` decodes on NVDEC (``mixed`` backend) into CUDA memory; ``device="cpu"`` uses DALI's libavcodec
-    backend, which handles VP8/VP9/MJPEG only and converts every file as BT.601. A file in another codec goes to
-    ``fallback`` (a PyAV decoder) when given, else it is skipped as ``unsupported_codec``. On CPU, a file tagged with
+    backend, which handles VP8/VP9/MJPEG only. Both backends convert every file as BT.601. A file in another codec
+    goes to ``fallback`` (a PyAV decoder) when given, else it is skipped as ``unsupported_codec``. A file tagged with
     another colour space (BT.709: most HD video) also goes to the fallback, or without one is decoded anyway with a
-    warning. The pipeline survives a failed run (checked on DALI 2.4), so a chunk that fails is re-decoded one file
-    at a time to find the bad one.
+    warning (:func:`dali_route` decides, for both devices). The pipeline survives a failed run (checked on DALI
+    2.4), so a chunk that fails is re-decoded one file at a time to find the bad one.
     """
 
     name = "dali"
@@ -106,24 +107,14 @@ class DaliDecoder:
             device_id = torch.cuda.current_device()
         self.device, self.device_id, self.num_threads = device, device_id, max(1, num_threads)
         self.max_batch, self.fallback = max_batch, fallback
-        self.codecs = DALI_GPU_CODECS if device == "gpu" else DALI_CPU_CODECS
+        self.codecs = _DALI_CODECS[device]
         self.on_gpu = device == "gpu"
         self._pipe = None
         self.fallback_paths: set[str] = set()  # files handed to PyAV (logged once each)
         self._warned: set[str] = set()
 
-    def _unsupported(self, info: VideoInfo) -> Optional[str]:
-        """Why DALI should not decode this file, or None."""
-        if info.codec not in self.codecs:
-            return f"codec {info.codec}"
-        if not self.on_gpu and info.colorspace not in BT601_COLORSPACES:
-            # Measured on DALI 2.4: the CPU backend converts with BT.601 whatever the header says; on BT.709 clips
-            # that is ~7 levels off on average (33 at worst), while PyAV follows the tag (within 2 of the source).
-            return f"colour space {info.colorspace} (DALI CPU assumes BT.601)"
-        return None
-
     def prepare(self, path: str, info: VideoInfo, indices: np.ndarray) -> Any:
-        why = self._unsupported(info)
+        why = dali_route(self.device, info)
         if why is None:
             return _Encoded(path, np.fromfile(path, dtype=np.uint8), indices.astype(np.int32))
         if self.fallback is not None:
@@ -208,6 +199,21 @@ class DaliDecoder:
         if self.on_gpu and isinstance(item, torch.Tensor):
             return item.to(torch.device("cuda", self.device_id), non_blocking=True)
         return item
+
+
+def dali_route(device: str, info: VideoInfo) -> Optional[str]:
+    """Why DALI on ``device`` ("cpu" or "gpu") should not decode a file described by ``info``, or None.
+
+    :class:`DaliDecoder` asks this for every file on either device, so a CPU test of it is a test of the GPU path.
+    """
+    if info.codec not in _DALI_CODECS[device]:
+        return f"codec {info.codec}"
+    if info.colorspace not in BT601_COLORSPACES:
+        # DALI 2.4 converts with BT.601 whatever the header says: the CPU backend (measured: ~7 levels off on average
+        # on BT.709 clips, 33 at worst) and the mixed backend's NV12 kernel alike (its conversion has no other matrix).
+        # PyAV follows the tag (within 2 levels of the source).
+        return f"colour space {info.colorspace} (DALI {device} assumes BT.601)"
+    return None
 
 
 def dali_available() -> bool:

@@ -251,12 +251,19 @@ class VideoReader:
                 self.random_clip_start = random_start
 
 
-def make_decoder(kind: str = "auto", *, num_workers: int = 2, max_batch: int = 8, cuda: Optional[bool] = None) -> Any:
+def make_decoder(
+    kind: str = "auto",
+    *,
+    num_workers: int = 2,
+    max_batch: int = 8,
+    cuda: Optional[bool] = None,
+    device_id: Optional[int] = None,
+) -> Any:
     """The decoder for ``kind`` (``DataConfig.reader``).
 
     ``pyav``: PyAV. ``dali``: DALI only (GPU when CUDA is present, else CPU; other codecs are skipped as
     ``unsupported_codec``). ``auto``: DALI when installed, with PyAV decoding per file what DALI cannot (logged); PyAV
-    alone when DALI is not installed.
+    alone when DALI is not installed. ``device_id``: the GPU DALI decodes on (default: the current CUDA device).
     """
     from engine.data.decoders import DaliDecoder, PyAVDecoder, dali_available
 
@@ -268,7 +275,13 @@ def make_decoder(kind: str = "auto", *, num_workers: int = 2, max_batch: int = 8
         raise RuntimeError("data.reader=dali but nvidia-dali is not installed (pip install '.[dali]')")
     cuda = torch.cuda.is_available() if cuda is None else cuda
     fallback = PyAVDecoder() if kind == "auto" else None
-    return DaliDecoder("gpu" if cuda else "cpu", num_threads=num_workers, max_batch=max_batch, fallback=fallback)
+    return DaliDecoder(
+        "gpu" if cuda else "cpu",
+        device_id=device_id if cuda else None,
+        num_threads=num_workers,
+        max_batch=max_batch,
+        fallback=fallback,
+    )
 
 
 def build_reader(
@@ -280,10 +293,13 @@ def build_reader(
     world_size: int = 1,
     seed: int = 0,
     num_epochs: Optional[int] = None,
+    device: Optional[torch.device] = None,
 ) -> VideoReader:
-    """A :class:`VideoReader` configured from a ``DataConfig``."""
+    """A :class:`VideoReader` configured from a ``DataConfig``; ``device``: where frames are decoded to (default: the
+    current CUDA device when there is one, else the CPU)."""
     d = data_cfg
-    decoder = make_decoder(d.reader, num_workers=d.num_workers, max_batch=batch_size)
+    where = {} if device is None else {"cuda": device.type == "cuda", "device_id": device.index}
+    decoder = make_decoder(d.reader, num_workers=d.num_workers, max_batch=batch_size, **where)
     return VideoReader(
         entries,
         decoder,

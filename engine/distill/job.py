@@ -23,6 +23,7 @@ from engine.models.interp_unet import InterpolatorError, check_channels, read_in
 from engine.train import checkpoint as ckpt
 from engine.train import dist, runlock
 from engine.train.loop import Loop, LoopSettings
+from engine.train.optim import check_offload
 from engine.worlds import World, build_world, kind_of
 
 WorldFactory = Callable[[RunConfig, torch.device], World]
@@ -74,6 +75,7 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
     """Run (or resume) a distillation job. Returns the loop's summary on every rank; a finished job returns its
     summary without building anything."""
     kind_of(cfg)  # a pairing of codec and text encoder that is no world fails before anything starts
+    check_offload(cfg)  # offload without ZeRO or without DeepSpeed's CPU Adam op: refused before anything is built
     model_cfg = resolve_model_config(cfg)  # fails on a bad checkpoint path or architecture before anything is built
     interp = configured_interpolator(cfg, model_cfg.in_dim)
     teacher_id = weights_fingerprint(cfg.model.checkpoint) if cfg.model.checkpoint else None

@@ -25,6 +25,7 @@ from engine.models.checkpoint import (
 )
 from engine.models.wan import WanModel
 from engine.train import dist
+from engine.train.optim import adamw
 from engine.train.zero_trace import keep_grad_trace
 
 RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len")
@@ -106,9 +107,8 @@ def load_into(models: list[torch.nn.Module], path: str) -> None:
 
 
 def _adamw(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
-    o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return adamw(params, cfg.optim, lr, offload=cfg.deepspeed.offload_optimizer)  # offload: DeepSpeed's CPU Adam
 
 
 def build_roles(cfg: RunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> Roles:

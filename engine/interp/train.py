@@ -133,9 +133,10 @@ def micro_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The run's DeepSpeed JSON (engine.config) with the interpolator's batch, ZeRO stage, fp32 and no clipping."""
     mb, accum = micro_batch(cfg, world_size)
+    # A small model: its optimizer stays on the device whatever the run offloads.
     return run_deepspeed_config(
         cfg, world_size, micro_batch_size=mb, grad_accum_steps=accum, zero_stage=cfg.interp.zero_stage,
-        gradient_clipping=0.0, dtype=torch.float32,
+        gradient_clipping=0.0, dtype=torch.float32, offload_optimizer=False,
     )  # fmt: skip
 
 

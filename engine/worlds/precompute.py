@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -100,6 +100,30 @@ def _read_manifest(d: Any):
     return manifest
 
 
+def select_device(requested: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> torch.device:
+    """The device of this precompute rank: ``requested`` (``--device``; a bare ``cuda`` takes the rank's GPU), else
+    ``cuda:<LOCAL_RANK>`` when CUDA is present, else the CPU. Under torchrun every rank thus gets its own GPU."""
+    env = os.environ if env is None else env
+    local = int(env.get("LOCAL_RANK", 0))
+    if requested:
+        dev = torch.device(requested)
+        dev = torch.device("cuda", local) if dev.type == "cuda" and dev.index is None else dev
+    else:
+        dev = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda" and not dev.index < torch.cuda.device_count():
+        raise ConfigError(
+            f"--device/LOCAL_RANK: {dev} asked (LOCAL_RANK={local}), but {torch.cuda.device_count()} GPUs are visible"
+        )
+    return dev
+
+
+def bind_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device, so every library that defaults to it (DALI, CUDA streams, kernels)
+    works there rather than on GPU 0."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def run_precompute(
     cfg: Any,
     *,
@@ -116,6 +140,8 @@ def run_precompute(
     from engine.data.reader import build_reader
 
     d = cfg.data
+    dev = torch.device(device)
+    bind_device(dev)
     manifest = _read_manifest(d)
     _check_models(cfg, kinds)
     sizes = {"text": text_shard_size, "latents": latent_shard_size}
@@ -143,7 +169,9 @@ def run_precompute(
         del encoder
     if "latents" in kinds:
         codec = world.load_codec()
-        reader = build_reader(manifest.entries, d, batch_size=batch_size, rank=rank, world_size=world_size)
+        reader = build_reader(  # DALI decodes on this rank's GPU
+            manifest.entries, d, batch_size=batch_size, rank=rank, world_size=world_size, device=dev
+        )
         precompute_latents(
             reader,
             codec,

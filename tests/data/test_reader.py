@@ -157,6 +157,35 @@ def test_bt709_clips_go_to_pyav_on_cpu(tmp_path, caplog):
     assert any("colours will be approximate" in r.getMessage() for r in caplog.records)
 
 
+def test_bt709_clips_go_to_pyav_on_the_gpu_path(tmp_path):
+    # DALI's mixed (NVDEC) backend also converts as BT.601. This runs the GPU decoder's own routing on CPU: a
+    # DaliDecoder("gpu") with a device id touches no GPU until it decodes, and prepare() is where files are routed.
+    from engine.data.decoders import _Encoded, dali_route
+
+    paths = {
+        (codec, bt): write_clip(tmp_path / f"{codec}_{bt}", codec=codec, num_frames=12, bt709=bt)
+        for codec in ("h264", "vp9")
+        for bt in (True, False)
+    }
+    infos = {k: probe_video(p) for k, p in paths.items()}
+    assert {k: i.colorspace for k, i in infos.items()} == {k: 1 if k[1] else 2 for k in paths}
+    gpu = DaliDecoder("gpu", device_id=3, fallback=PyAVDecoder())
+    strict = DaliDecoder("gpu", device_id=3)
+    idx = np.arange(6)
+    for (codec, bt), path in paths.items():
+        why = dali_route("gpu", infos[codec, bt])
+        assert (why == "colour space 1 (DALI gpu assumes BT.601)") if bt else why is None
+        got = gpu.prepare(path, infos[codec, bt], idx)
+        if bt:  # decoded by PyAV, which follows the tag: the same frames PyAV alone gives
+            assert torch.equal(got, PyAVDecoder().prepare(path, infos[codec, bt], idx))
+            assert isinstance(strict.prepare(path, infos[codec, bt], idx), _Encoded)  # no fallback: DALI, warned
+        else:  # BT.601 (H.264 included: NVDEC decodes it) stays on DALI
+            assert isinstance(got, _Encoded) and got.frames.tolist() == idx.tolist()
+    assert gpu.fallback_paths == {paths["h264", True], paths["vp9", True]}
+    assert strict._warned == gpu.fallback_paths
+    assert dali_route("cpu", infos["h264", False]) == "codec h264"  # the CPU backend has no H.264
+
+
 def test_dali_isolates_a_file_that_fails_inside_a_batch(vp9_entries):
     from engine.data.decoders import _Encoded
 

@@ -155,6 +155,10 @@ class Recorder:
         if metrics is None and trainer.step == 0:  # fresh start: the partitioned model computes what a plain one does
             self.zero3_vs_plain = _zero3_vs_plain(trainer)
         if metrics is None:  # before the first step
+            self.optimizers = {
+                k: type(getattr(e.optimizer, "optimizer", e.optimizer)).__name__
+                for k, e in (("generator", trainer.method.roles.generator), ("critic", trainer.method.roles.critic))
+            }
             self.partition = {
                 k: [getattr(p, "ds_tensor", p).numel() / getattr(p, "ds_numel", p.numel()) for p in m.parameters()]
                 for k, m in _modules(trainer).items()
@@ -185,6 +189,7 @@ def main():
             "rows": rec.rows,
             "partition": getattr(rec, "partition", None),  # None: the job built no model (it had finished)
             "zero3_vs_plain": rec.zero3_vs_plain,
+            "optimizers": getattr(rec, "optimizers", None),  # the basic optimizer inside each DeepSpeed engine
         }
         (run_dir / "report.json").write_text(json.dumps(report, indent=1))
 
