@@ -9,16 +9,22 @@ zero_to_fp32) or from any DiT checkpoint; names, shapes and channel counts are c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from engine.config import ConfigError, ModelConfig, load_config
 from engine.models.checkpoint import (
     CheckpointError,
+    checkpoint_keys,
     convert_checkpoint,
+    detect_layout,
+    iter_tensors,
     read_model_config,
     save_weights,
+    to_official_key,
     weight_files,
 )
 from engine.models.interp_unet import (
@@ -27,6 +33,7 @@ from engine.models.interp_unet import (
     read_interpolator_config,
     save_interpolator,
 )
+from engine.models.single_file import save_single_file
 from engine.models.wan import build_model
 
 
@@ -115,6 +122,43 @@ def export_student(
     state = zero_state(src)
     check_state(state, model_cfg, src)
     return save_weights(_Materialized(state, dtype), model_cfg, out, max_shard_bytes=max_shard_bytes)
+
+
+def student_tensors(src: str | Path, run_config: str | Path | None = None) -> tuple[ModelConfig, Iterator]:
+    """The architecture of a student and its (official name, tensor) pairs, one tensor at a time: from a trainer step
+    directory (ZeRO partitions, consolidated lazily) or any DiT checkpoint (either layout, scaled fp8 dequantized).
+    Names and shapes are checked against the architecture before the first tensor is read."""
+    src = Path(src)
+    cfg = _architecture(src, run_config)
+    if is_trainer_checkpoint(src):
+        state = zero_state(src)
+        check_state(state, cfg, src)
+        return cfg, ((name, lazy.contiguous()) for name, lazy in state.items())
+    keys = checkpoint_keys(src)
+    layout = detect_layout(keys)
+    unknown = [k for k in keys if to_official_key(k, layout) is None]
+    if unknown:
+        raise CheckpointError(f"{src}: keys that are not part of a Wan2.1 T2V DiT ({len(unknown)}): {unknown[:10]}")
+    shapes = {}
+    for file in weight_files(src):
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({to_official_key(k, layout): f.get_slice(k).get_shape() for k in keys if k in f.keys()})  # noqa: SIM118
+    check_state({k: torch.empty(v, device="meta") for k, v in shapes.items()}, cfg, src)
+    return cfg, ((to_official_key(k, layout), t) for k, t in iter_tensors(src))
+
+
+def export_single_file(
+    src: str | Path,
+    path: str | Path,
+    *,
+    run_config: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
+) -> Path:
+    """The student as one safetensors file in the official key layout (ComfyUI's diffusion-model loader), cast to
+    ``dtype``; with ``fp8`` the blocks' linear weights in scaled float8_e4m3fn (engine.models.single_file)."""
+    cfg, named = student_tensors(src, run_config)
+    return save_single_file(named, cfg, path, dtype, fp8)
 
 
 def export_interpolator(src: str | Path, deploy_dir: str | Path) -> Path:

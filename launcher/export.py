@@ -13,6 +13,13 @@ holds ZeRO partitions: DeepSpeed's zero_to_fp32 consolidates it offline, no GPU 
 architecture from <run>/config.yaml or --config), or a DiT already on disk (official or diffusers layout, rewritten in
 the diffusers layout). --interpolator takes an interpolator export, or a run/step directory holding interpolator/.
 Both are checked (architecture, config, channel counts) before anything is written.
+
+    python launcher/export.py --checkpoint runs/x/checkpoints/step_00000600 --single-file deploy/x.safetensors \
+        --dtype bf16 [--fp8]
+
+--single-file writes the student as one safetensors file in the official Wan2.1 key layout (ComfyUI's "Load
+Diffusion Model"; bf16 by default, fp16 or fp32 with --dtype; --fp8 stores the blocks' linear weights as scaled
+float8_e4m3fn). See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -24,11 +31,11 @@ import sys
 import torch
 
 from engine import console
-from engine.deploy import export_deploy
+from engine.deploy import export_deploy, export_single_file
 from engine.models.checkpoint import CheckpointError
 from engine.models.interp_unet import InterpolatorError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,26 +43,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="trainer step directory (<run>/checkpoints/step_N) or a DiT checkpoint")
     p.add_argument("--interpolator", help="trained interpolator directory")
     p.add_argument("--config", help="run config of a trainer checkpoint (default: <run>/config.yaml)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of a trainer-checkpoint export")
-    p.add_argument("--out", required=True, help="deployment directory")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="dtype of a trainer-checkpoint export (default fp32; bf16 for --single-file)"
+    )
+    p.add_argument("--out", help="deployment directory")
+    p.add_argument("--single-file", help="also write the student as one .safetensors file, official Wan2.1 keys")
+    p.add_argument("--fp8", action="store_true", help="--single-file: blocks' linear weights in scaled float8_e4m3fn")
     console.add_verbose_flag(p)
     args = p.parse_args(argv)
     console.install(verbose=args.verbose)
     if not (args.checkpoint or args.interpolator):
         p.error("nothing to export: give --checkpoint and/or --interpolator")
+    if not (args.out or args.single_file):
+        p.error("nowhere to export to: give --out and/or --single-file")
     try:
-        info = export_deploy(
-            args.out,
-            student=args.checkpoint,
-            interpolator=args.interpolator,
-            run_config=args.config,
-            dtype=DTYPES[args.dtype],
-        )
+        info = run(args)
     except (CheckpointError, InterpolatorError, FileNotFoundError, ValueError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2))
     return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Each requested output; every check that needs no weights comes before the first write."""
+    if args.fp8 and not args.single_file:
+        raise ValueError("--fp8 applies to --single-file (the deployment directory stays in --dtype)")
+    if (args.single_file or args.fp8) and not args.checkpoint:
+        raise ValueError("--single-file needs --checkpoint (the student)")
+    if args.single_file and not str(args.single_file).endswith(".safetensors"):
+        raise ValueError(f"--single-file: {args.single_file} must end in .safetensors")
+    info = {}
+    if args.out:
+        dtype = DTYPES[args.dtype or "fp32"]
+        info = export_deploy(
+            args.out, student=args.checkpoint, interpolator=args.interpolator, run_config=args.config, dtype=dtype
+        )
+    if args.single_file:
+        dtype = DTYPES[args.dtype or "bf16"]
+        path = export_single_file(args.checkpoint, args.single_file, run_config=args.config, dtype=dtype, fp8=args.fp8)
+        info["single_file"] = {"path": str(path), "bytes": path.stat().st_size, "fp8": args.fp8}
+    return info
 
 
 if __name__ == "__main__":

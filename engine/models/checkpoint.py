@@ -25,6 +25,8 @@ Layout = Literal["official", "diffusers"]
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 COMFY_PREFIX = "model.diffusion_model."
+FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 marker key (comfy/model_detection.py); its dtype is the fp8 format
+SCALE_SUFFIX = ".scale_weight"  # per-layer float32 scale of a scaled-fp8 weight (comfy/ops.py scaled_fp8_ops)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,19 +125,36 @@ def weights_fingerprint(path: str | Path, sample_bytes: int = 4 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
+def _scaled_fp8(keys: list[str]) -> tuple[set[str], dict[str, str]]:
+    """Of a scaled-fp8 file's keys: the keys to skip (marker, scales) and weight key -> its scale key."""
+    if not any(_strip_prefix(k) == FP8_MARKER for k in keys):
+        return set(), {}
+    scales = {k[: -len(SCALE_SUFFIX)] + ".weight": k for k in keys if k.endswith(SCALE_SUFFIX)}
+    return {k for k in keys if _strip_prefix(k) == FP8_MARKER} | set(scales.values()), scales
+
+
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs, one tensor in memory at a time."""
+    """(key, tensor) pairs, one tensor in memory at a time. A scaled-fp8 weight (ComfyUI's convention, written by
+    ``engine.models.single_file``) comes back dequantized in float32: fp8 value * its ``scale_weight``."""
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield key, f.get_tensor(key)
+            keys = list(f.keys())
+            skip, scales = _scaled_fp8(keys)
+            for key in keys:
+                if key in skip:
+                    continue
+                tensor = f.get_tensor(key)
+                if key in scales:
+                    tensor = tensor.to(torch.float32) * f.get_tensor(scales[key]).to(torch.float32)
+                yield key, tensor
 
 
 def checkpoint_keys(path: str | Path) -> list[str]:
     keys = []
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
-            keys.extend(f.keys())
+            skip, _ = _scaled_fp8(list(f.keys()))
+            keys.extend(k for k in f.keys() if k not in skip)  # noqa: SIM118
     return keys
 
 
@@ -215,6 +234,11 @@ def read_model_config(path: str | Path, **overrides) -> ModelConfig:
     """The architecture stored next to a checkpoint (config.json in its directory)."""
     files = weight_files(path)
     candidates = [files[0].parent / "config.json", Path(path) / "config.json"]
+    if Path(path).is_file() and len(files) == 1:  # a one-file export: its own metadata before a neighbour's config
+        with safe_open(str(files[0]), framework="pt") as f:
+            embedded = (f.metadata() or {}).get("config")
+        if embedded:
+            return model_config_from_json(json.loads(embedded), **overrides)
     for c in candidates:
         if c.is_file():
             return model_config_from_json(json.loads(c.read_text()), **overrides)
