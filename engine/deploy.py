@@ -9,13 +9,16 @@ zero_to_fp32) or from any DiT checkpoint; names, shapes and channel counts are c
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from engine.config import ConfigError, ModelConfig, load_config
+from engine.config import ConfigError, ModelConfig, RunConfig, load_config
+from engine.fsutil import atomic_write_text
 from engine.models.checkpoint import (
     CheckpointError,
     checkpoint_keys,
@@ -191,6 +194,87 @@ def export_deploy(
     if interpolator is not None:
         export_interpolator(interpolator, deploy_dir)
     return describe_deploy(deploy_dir)
+
+
+SCHEDULER_MODULE = "vidistill_scheduler"  # <pipeline>/scheduler/vidistill_scheduler.py (engine/diffusion/student_scheduler)
+SCHEDULER_CLASS = "VidistillStudentScheduler"
+
+
+def pipeline_run_config(student: str | Path | None, run_config: str | Path | None) -> RunConfig:
+    """The run config a pipeline export reads (its VAE, text encoder and student timesteps): ``--config``, or the
+    trainer checkpoint's ``<run>/config.yaml``. Its Wan world paths must exist."""
+    if run_config is None and student is not None and is_trainer_checkpoint(Path(student)):
+        run_config = Path(student).resolve().parent.parent / "config.yaml"
+    if run_config is None:
+        raise CheckpointError("--pipeline needs the run config (--config): its vae.path, text_encoder.path and "
+                              "diffusion.student_timesteps go into the pipeline")  # fmt: skip
+    try:
+        cfg = load_config(run_config)
+    except ConfigError as exc:
+        raise CheckpointError(f"--pipeline: the run config {run_config}: {exc}") from exc
+    for key, kind, want in (("vae", cfg.vae.kind, "wan"), ("text_encoder", cfg.text_encoder.kind, "umt5")):
+        if kind != want:
+            raise CheckpointError(f"--pipeline: config key `{key}.kind` is {kind!r}; a diffusers WanPipeline needs {want}")
+    for key, value in (("vae.path", cfg.vae.path), ("text_encoder.path", cfg.text_encoder.path)):
+        if not value or not Path(value).exists():
+            raise CheckpointError(f"--pipeline: config key `{key}`: {value!r} does not exist")
+    return cfg
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    """The files (not the subdirectories) of ``src`` into a fresh ``dst``."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def export_pipeline(deploy_dir: str | Path, cfg: RunConfig) -> Path:
+    """Complete ``<deploy_dir>`` (which holds ``transformer/``) into a diffusers WanPipeline directory: the VAE
+    (copied, or converted from the official .pth), the umT5 encoder and tokenizer (copied), the student scheduler
+    (its code and config with ``diffusion.student_timesteps``) and ``model_index.json``, written last."""
+    from diffusers import __version__ as diffusers_version
+    from transformers import AutoTokenizer
+
+    from engine.data.text import _locate
+    from engine.data.vae import load_official_vae
+
+    root = Path(deploy_dir)
+    if not (root / "transformer" / "config.json").is_file():
+        raise CheckpointError(f"{root}: no transformer/ to build a pipeline around (export the student first)")
+    vae = Path(cfg.vae.path)
+    if vae.is_dir():
+        _copy_files(vae / "vae" if (vae / "vae" / "config.json").is_file() else vae, root / "vae")
+    else:
+        load_official_vae(str(vae)).save_pretrained(root / "vae")
+    enc_dir, tok_dir = _locate(Path(cfg.text_encoder.path))
+    _copy_files(enc_dir, root / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    tokenizer.save_pretrained(root / "tokenizer")
+    sched = root / "scheduler"
+    sched.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(__file__).parent / "diffusion" / "student_scheduler.py", sched / f"{SCHEDULER_MODULE}.py")
+    d = cfg.diffusion
+    sched_config = {"_class_name": SCHEDULER_CLASS, "_diffusers_version": diffusers_version,
+                    "num_train_timesteps": d.num_train_timesteps, "shift": 1.0,
+                    "student_timesteps": [float(t) for t in d.student_timesteps]}  # fmt: skip
+    atomic_write_text(sched / "scheduler_config.json", json.dumps(sched_config, indent=2))
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": diffusers_version,
+        "boundary_ratio": None,
+        "expand_timesteps": False,
+        "scheduler": [SCHEDULER_MODULE, SCHEDULER_CLASS],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    atomic_write_text(root / "model_index.json", json.dumps(index, indent=2))
+    return root
 
 
 def describe_deploy(deploy_dir: str | Path) -> dict:

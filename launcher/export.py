@@ -19,7 +19,9 @@ Both are checked (architecture, config, channel counts) before anything is writt
 
 --single-file writes the student as one safetensors file in the official Wan2.1 key layout (ComfyUI's "Load
 Diffusion Model"; bf16 by default, fp16 or fp32 with --dtype; --fp8 stores the blocks' linear weights as scaled
-float8_e4m3fn). See docs/deploy.md.
+float8_e4m3fn). --pipeline makes --out a complete diffusers pipeline (model_index.json, the student scheduler,
+VAE, umT5 and tokenizer from the run config) that WanPipeline.from_pretrained(out, trust_remote_code=True) loads.
+See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sys
 import torch
 
 from engine import console
-from engine.deploy import export_deploy, export_single_file
+from engine.deploy import export_deploy, export_pipeline, export_single_file, pipeline_run_config
 from engine.models.checkpoint import CheckpointError
 from engine.models.interp_unet import InterpolatorError
 
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="deployment directory")
     p.add_argument("--single-file", help="also write the student as one .safetensors file, official Wan2.1 keys")
     p.add_argument("--fp8", action="store_true", help="--single-file: blocks' linear weights in scaled float8_e4m3fn")
+    p.add_argument(
+        "--pipeline", action="store_true", help="make --out a complete diffusers WanPipeline (VAE, umT5, scheduler)"
+    )
     console.add_verbose_flag(p)
     args = p.parse_args(argv)
     console.install(verbose=args.verbose)
@@ -73,12 +78,17 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--single-file needs --checkpoint (the student)")
     if args.single_file and not str(args.single_file).endswith(".safetensors"):
         raise ValueError(f"--single-file: {args.single_file} must end in .safetensors")
+    if args.pipeline and not (args.out and args.checkpoint):
+        raise ValueError("--pipeline needs --checkpoint (the student) and --out (the pipeline directory)")
+    run_cfg = pipeline_run_config(args.checkpoint, args.config) if args.pipeline else None
     info = {}
     if args.out:
         dtype = DTYPES[args.dtype or "fp32"]
         info = export_deploy(
             args.out, student=args.checkpoint, interpolator=args.interpolator, run_config=args.config, dtype=dtype
         )
+    if run_cfg is not None:
+        info["pipeline"] = str(export_pipeline(args.out, run_cfg))
     if args.single_file:
         dtype = DTYPES[args.dtype or "bf16"]
         path = export_single_file(args.checkpoint, args.single_file, run_config=args.config, dtype=dtype, fp8=args.fp8)
