@@ -35,6 +35,7 @@ EXTRAS = {
         "hypothesis>=6",
         "ruff>=0.6",
         "accelerate>=1.0",  # diffusers' from_pretrained of WanTransformer3DModel (fp32-kept modules) requires it
+        "wandb>=0.31",  # logging.wandb (tests/train/test_wandb.py runs it offline)
     ],
 }
 

@@ -290,6 +290,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (rank 0): the same scalars, the sample videos, the resolved config."""
+
+    project: Optional[str] = None
+    """W&B project (None: "vidistill")."""
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    """disabled (default), offline (a run directory under <run_dir>/wandb, synced later with `wandb sync`) or online."""
+
+
+@dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
     """Run directory: resolved config, checkpoints, TensorBoard events, samples."""
@@ -309,6 +319,8 @@ class LoggingConfig:
     """Peak dense TFLOP/s per device for MFU; None = 989 (H100 bf16) on CUDA, 0.077 (measured fp32 CPU) otherwise."""
     phase_timing: bool = True
     """Per-phase wall times (synchronizes CUDA at phase edges)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging (off by default)."""
 
 
 @dataclass
@@ -797,6 +809,12 @@ def _validate_optim(o: OptimConfig) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _validate_run(cfg: RunConfig) -> None:
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     _require(cfg.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
@@ -805,6 +823,8 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(bool(cfg.logging.run_dir.strip()), "logging.run_dir", "must not be empty (it would write into the cwd)")
     _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     _require(cfg.logging.sample_every >= 0, "logging.sample_every", "must be >= 0")
+    wandb_off = cfg.logging.wandb.mode == "disabled"
+    _require(wandb_off or _importable("wandb"), "logging.wandb.mode", "needs the wandb package (pip install wandb)")
     _require(cfg.text_encoder.max_length >= 1, "text_encoder.max_length", "must be >= 1")
     _require(len(cfg.interp.channels) == 3, "interp.channels", "needs three widths (one per U-Net level)")
     _require(all(c > 0 for c in cfg.interp.channels), "interp.channels", "widths must be positive")

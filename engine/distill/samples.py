@@ -65,7 +65,7 @@ def make_sampler(
     device: torch.device,
     *,
     view_scale: int = 1,
-) -> Callable[[torch.nn.Module, int], None]:
+) -> Callable[[torch.nn.Module, int], list[Path]]:
     """sampler(generator, step) for the trainer; collective (call it on every rank)."""
     out_dir = Path(cfg.logging.run_dir) / "samples"
     schedule = FlowSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.shift)
@@ -76,22 +76,25 @@ def make_sampler(
     seeds = [video_seed(*videos[v]) for v in block]
     chunk = cfg.optim.micro_batch_size  # a batch that fits training (with gradients) fits no-grad sampling
 
-    def sampler(generator: torch.nn.Module, step: int) -> None:
+    def sampler(generator: torch.nn.Module, step: int) -> list[Path]:
         was_training = generator.training
         generator.eval()
         latents = generate_block(generator, mine, seeds, shape, schedule, cfg.diffusion.student_timesteps, chunk)
         generator.train(was_training)
         gathered = torch.cat([t.cpu() for t in dist.all_gather(latents.to(device))])[: len(videos)]
         if not dist.is_main():
-            return
+            return []
+        paths = []
         for (seed, i), lat in zip(videos, gathered):
             frames = to_frames(decode(lat[None]))
-            write_mp4(out_dir / sample_name(step, seed, i, prompts[i]), frames, cfg.data.fps, scale=view_scale)
+            paths.append(out_dir / sample_name(step, seed, i, prompts[i]))
+            write_mp4(paths[-1], frames, cfg.data.fps, scale=view_scale)
+        return paths
 
     return sampler
 
 
-def world_sampler(cfg: RunConfig, world, device: torch.device) -> Callable[[torch.nn.Module, int], None] | None:
+def world_sampler(cfg: RunConfig, world, device: torch.device) -> Callable[[torch.nn.Module, int], list[Path]] | None:
     """The sampler of a world's sample prompts (``engine.worlds.World``), or None when it has none or cannot
     decode (a cache run without ``vae.path``)."""
     if not world.sample_prompts or world.load_codec is None:

@@ -19,6 +19,7 @@ stay on the device and reach the host at log steps, as means over the window and
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ class LoopSettings:
     progress_bar: bool = True
     tensorboard: bool = True
     text_log: bool = True
+    wandb_mode: str = "disabled"
+    wandb_project: str | None = None
+    run_config: dict | None = None  # the resolved config, for W&B
 
     @classmethod
     def of(cls, cfg: RunConfig, max_steps: int | None = None) -> LoopSettings:
@@ -109,6 +113,9 @@ class LoopSettings:
             max_nonfinite_in_a_row=cfg.train.max_nonfinite_in_a_row,
             progress_bar=lg.progress_bar,
             tensorboard=lg.tensorboard,
+            wandb_mode=lg.wandb.mode,
+            wandb_project=lg.wandb.project,
+            run_config=dataclasses.asdict(cfg),
         )
 
 
@@ -156,7 +163,7 @@ class Loop:
         cfg: RunConfig | None = None,
         on_step: Callable[[Loop, dict | None], None] | None = None,
         after_save: Callable[[Loop, Path], None] | None = None,
-        sampler: Callable[[int], None] | None = None,
+        sampler: Callable[[int], list[Path] | None] | None = None,
         sample_every: int = 0,
         exporter: Callable[[], None] | None = None,
         export_done: Callable[[], bool] | None = None,
@@ -316,6 +323,12 @@ class Loop:
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
+    def _sample(self) -> None:
+        """The sampler (collective); the videos it wrote (rank 0) go to the observer's media loggers."""
+        paths = self.sampler(self.step)
+        if self.observer and paths:
+            self.observer.log_videos(self.step, paths)
+
     def run(self) -> dict:
         self.resume()
         s = self.s
@@ -340,11 +353,11 @@ class Loop:
                 if self.step % s.every_steps == 0 or self.step == s.max_steps:
                     self.save()
                 if self.sampler and self.sample_every and self.step % self.sample_every == 0:
-                    self.sampler(self.step)
+                    self._sample()
                     last_sampled = self.step
             ran = self.step > first_step  # a re-run of a finished job does nothing but report
             if self.sampler and ran and last_sampled != self.step:
-                self.sampler(self.step)
+                self._sample()
             if self.exporter and (ran or not (self.export_done and self.export_done())):
                 self._check_weights("export")
                 self.exporter()

@@ -76,7 +76,6 @@ def test_pipeline_directory_reproduces_our_sampler(exported):
     torch.manual_seed(11)
     expected = sample_student(student, noise, context, FlowSchedule(1000, 5.0), TIMESTEPS, noise_from_global_rng)
     assert got.shape == expected.shape == (1, 16, 3, 2, 2)
-    print(f"pipeline vs sample_student: max abs {(got - expected).abs().max():.3g}, max {expected.abs().max():.3g}")
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert (run(12) - expected).abs().max() > 1e-2  # the re-noising draws do matter: another seed, another video
 
