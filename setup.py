@@ -36,6 +36,7 @@ EXTRAS = {
         "ruff>=0.6",
         "accelerate>=1.0",  # diffusers' from_pretrained of WanTransformer3DModel (fp32-kept modules) requires it
         "wandb>=0.31",  # logging.wandb (tests/train/test_wandb.py runs it offline)
+        "peft>=0.14",  # diffusers' LoRA loading (tests/models/test_lora.py loads our LoRA exports with it)
     ],
 }
 

@@ -33,7 +33,7 @@ import sys
 import torch
 
 from engine import console
-from engine.deploy import export_deploy, export_pipeline, export_single_file, pipeline_run_config
+from engine.deploy import export_deploy, export_lora, export_pipeline, export_single_file, pipeline_run_config
 from engine.models.checkpoint import CheckpointError
 from engine.models.interp_unet import InterpolatorError
 
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interpolator", help="trained interpolator directory")
     p.add_argument("--config", help="run config of a trainer checkpoint (default: <run>/config.yaml)")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="dtype of a trainer-checkpoint export (default fp32; bf16 for --single-file)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="dtype of a trainer-checkpoint export (default fp32; bf16 for --single-file)",
     )
     p.add_argument("--out", help="deployment directory")
     p.add_argument("--single-file", help="also write the student as one .safetensors file, official Wan2.1 keys")
@@ -54,13 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pipeline", action="store_true", help="make --out a complete diffusers WanPipeline (VAE, umT5, scheduler)"
     )
+    p.add_argument("--lora", help="extract a LoRA of --checkpoint over --teacher into this .safetensors file")
+    p.add_argument("--teacher", help="--lora: the model the LoRA applies to (any DiT checkpoint)")
+    p.add_argument("--rank", type=int, help="--lora: the LoRA rank")
+    p.add_argument("--lora-format", choices=["comfy", "diffusers"], default="comfy", help="--lora: key layout")
+    p.add_argument("--merge-lora", help="merge this LoRA file into --checkpoint before writing --out/--single-file")
     console.add_verbose_flag(p)
     args = p.parse_args(argv)
     console.install(verbose=args.verbose)
     if not (args.checkpoint or args.interpolator):
         p.error("nothing to export: give --checkpoint and/or --interpolator")
-    if not (args.out or args.single_file):
-        p.error("nowhere to export to: give --out and/or --single-file")
+    if not (args.out or args.single_file or args.lora):
+        p.error("nowhere to export to: give --out, --single-file and/or --lora")
     try:
         info = run(args)
     except (CheckpointError, InterpolatorError, FileNotFoundError, ValueError) as exc:
@@ -80,19 +87,40 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--single-file: {args.single_file} must end in .safetensors")
     if args.pipeline and not (args.out and args.checkpoint):
         raise ValueError("--pipeline needs --checkpoint (the student) and --out (the pipeline directory)")
+    if args.lora and not (args.checkpoint and args.teacher and args.rank):
+        raise ValueError("--lora needs --checkpoint (the student), --teacher and --rank")
+    if args.merge_lora and not (args.checkpoint and (args.out or args.single_file)):
+        raise ValueError("--merge-lora needs --checkpoint (the base model) and --out and/or --single-file")
     run_cfg = pipeline_run_config(args.checkpoint, args.config) if args.pipeline else None
     info = {}
     if args.out:
         dtype = DTYPES[args.dtype or "fp32"]
         info = export_deploy(
-            args.out, student=args.checkpoint, interpolator=args.interpolator, run_config=args.config, dtype=dtype
+            args.out,
+            student=args.checkpoint,
+            interpolator=args.interpolator,
+            run_config=args.config,
+            dtype=dtype,
+            lora=args.merge_lora,
         )
     if run_cfg is not None:
         info["pipeline"] = str(export_pipeline(args.out, run_cfg))
     if args.single_file:
         dtype = DTYPES[args.dtype or "bf16"]
-        path = export_single_file(args.checkpoint, args.single_file, run_config=args.config, dtype=dtype, fp8=args.fp8)
+        path = export_single_file(
+            args.checkpoint, args.single_file, run_config=args.config, dtype=dtype, fp8=args.fp8, lora=args.merge_lora
+        )
         info["single_file"] = {"path": str(path), "bytes": path.stat().st_size, "fp8": args.fp8}
+    if args.lora:
+        dtype = DTYPES[args.dtype or "bf16"]
+        report = export_lora(args.checkpoint, args.teacher, args.lora, args.rank, layout=args.lora_format,
+                             dtype=dtype, run_config=args.config)  # fmt: skip
+        worst = sorted(report["layers"].items(), key=lambda kv: -kv[1]["rel_error"])[:3]
+        info["lora"] = {"path": args.lora, "rank": args.rank, "layout": args.lora_format,
+                        "mean_rel_error": report["mean_rel_error"], "max_rel_error": report["max_rel_error"],
+                        "worst_layers": {k: v["rel_error"] for k, v in worst},
+                        "not_in_lora": len(report["not_in_lora"]), "report": args.lora[: -len(".safetensors")]
+                        + ".report.json"}  # fmt: skip
     return info
 
 

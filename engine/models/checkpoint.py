@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +52,15 @@ for _ours, _theirs in (("self_attn", "attn1"), ("cross_attn", "attn2")):
         _RENAMES.append((f"blocks.{{i}}.{_ours}.{_a}.{{p}}", f"blocks.{{i}}.{_theirs}.{_b}.{{p}}"))
     for _n in ("norm_q", "norm_k"):
         _RENAMES.append((f"blocks.{{i}}.{_ours}.{_n}.weight", f"blocks.{{i}}.{_theirs}.{_n}.weight"))
+
+
+_BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])\Z")
+
+
+def is_block_linear(layer: str) -> bool:
+    """Whether an official layer name (no .weight/.bias) is a linear layer of a transformer block: self- and
+    cross-attention q, k, v, o and the two FFN linears (what LoRA and scaled fp8 target)."""
+    return _BLOCK_LINEAR.match(layer) is not None
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -147,6 +156,26 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 if key in scales:
                     tensor = tensor.to(torch.float32) * f.get_tensor(scales[key]).to(torch.float32)
                 yield key, tensor
+
+
+def tensor_getter(path: str | Path, layout: Layout) -> Callable[[str], torch.Tensor]:
+    """Random access by official name (scaled fp8 dequantized), reading one tensor per call."""
+    index = {}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+            skip, scales = _scaled_fp8(keys)
+            index.update({to_official_key(k, layout): (file, k, scales.get(k)) for k in keys if k not in skip})
+
+    def get(name: str) -> torch.Tensor:
+        if name not in index:
+            raise CheckpointError(f"{path}: no tensor {name}")
+        file, key, scale = index[name]
+        with safe_open(str(file), framework="pt") as f:
+            t = f.get_tensor(key)
+            return t.to(torch.float32) * f.get_tensor(scale).to(torch.float32) if scale else t
+
+    return get
 
 
 def checkpoint_keys(path: str | Path) -> list[str]:

@@ -22,17 +22,17 @@ from safetensors.torch import save_file
 
 from engine.config import CheckpointError, ModelConfig
 from engine.fsutil import fix_mode
-from engine.models.checkpoint import FP8_MARKER, SCALE_SUFFIX, diffusers_config
+from engine.models.checkpoint import FP8_MARKER, SCALE_SUFFIX, diffusers_config, is_block_linear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 SINGLE_FILE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def fp8_target(name: str, tensor: torch.Tensor) -> bool:
-    """Weights stored in fp8: the 2-D linear weights of the transformer blocks (attention q/k/v/o, FFN). The patch
+def fp8_target(name: str) -> bool:
+    """Weights stored in fp8: the linear weights of the transformer blocks (attention q/k/v/o, FFN). The patch
     embedding, the text/time embeddings, the head, norms, modulations and biases keep the file's dtype."""
-    return name.startswith("blocks.") and name.endswith(".weight") and tensor.ndim == 2
+    return name.endswith(".weight") and is_block_linear(name[: -len(".weight")])
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ def single_file_state(
     """The tensors of the one-file export from official-named (name, tensor) pairs."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in named:
-        if fp8 and fp8_target(name, tensor):
+        if fp8 and fp8_target(name):
             q, scale = quantize_fp8(tensor)
             out[name] = q
             out[name[: -len(".weight")] + SCALE_SUFFIX] = scale

@@ -41,7 +41,11 @@ def forward_pair(weights: dict[str, torch.Tensor], diffusers_dir):
     ours.load_state_dict({k: v.float() for k, v in weights.items()})
     ref = WanTransformer3DModel.from_pretrained(diffusers_dir).float().eval()
     g = torch.Generator().manual_seed(5)
-    x, ctx, t = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 6, 16, generator=g), torch.tensor([900.0, 300.0])
+    x, ctx, t = (
+        torch.randn(2, 4, 3, 4, 4, generator=g),
+        torch.randn(2, 6, 16, generator=g),
+        torch.tensor([900.0, 300.0]),
+    )
     with torch.no_grad():
         return ours(x, t, ctx), ref(x, t, ctx, return_dict=False)[0]
 
