@@ -12,7 +12,7 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors import safe_open
 
-from engine.config import CheckpointError, model_preset
+from engine.config import model_preset
 from engine.deploy import export_lora, student_tensors
 from engine.models.checkpoint import is_block_linear, iter_tensors, save_weights
 from engine.models.lora import read_lora

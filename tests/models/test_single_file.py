@@ -9,8 +9,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 
-from engine.config import CheckpointError, model_preset
+from engine.config import CheckpointError, load_config, model_preset
 from engine.deploy import export_single_file
+from engine.generate import load_dit, resolve_model
 from engine.models.checkpoint import convert_checkpoint, load_weights, read_model_config, save_weights
 from engine.models.wan import WanModel
 from launcher import export as export_cli
@@ -111,6 +112,9 @@ def test_scaled_fp8_file(tmp_path, student):
         assert (model.state_dict()[k].double() - reference[k]).abs().max() <= 1e-7 * reference[k].abs().max(), k
     ours, theirs = forward_pair({k: v.float() for k, v in reference.items()}, back)
     assert (ours - theirs).abs().max() <= 1e-5
+    run = load_config(None, ["model.preset=tiny"])  # generation reads the file directly, architecture from metadata
+    direct = load_dit(resolve_model(str(file), "--student", run), "cpu", torch.float32)
+    assert all(torch.equal(direct.state_dict()[k], model.state_dict()[k]) for k in weights)
 
 
 def test_cli_and_bad_input(tmp_path, student, capsys):
