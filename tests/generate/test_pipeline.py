@@ -15,9 +15,8 @@ from engine.data.text import UMT5TextEncoder
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import sample_student
 from engine.models.checkpoint import save_weights
-from engine.models.wan import WanModel
 from launcher import export as export_cli
-from tests.data.tiny_models import save_text_encoder, save_vae
+from tests.data.tiny_models import random_dit, save_text_encoder, save_vae
 
 TIMESTEPS = [1000.0, 900.0, 757.0, 522.0]
 PROMPT = "a red ball rolls to the left across a wooden table"
@@ -36,11 +35,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     models = save_vae(save_text_encoder(root / "models"))
     cfg = model_preset("tiny", in_dim=16, out_dim=16, gradient_checkpointing=False, fused_kernels=False)
-    torch.manual_seed(0)
-    student = WanModel(cfg).eval()
-    with torch.no_grad():
-        for p in student.parameters():
-            p.normal_(0.0, 0.2)
+    student = random_dit(cfg, 0)
     save_weights(student, cfg, root / "student")
     yaml = root / "run.yaml"
     yaml.write_text(RUN_YAML.format(models=models, timesteps=TIMESTEPS, run_dir=root / "run"))

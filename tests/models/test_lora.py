@@ -18,6 +18,7 @@ from engine.models.checkpoint import is_block_linear, iter_tensors, save_weights
 from engine.models.lora import read_lora
 from engine.models.wan import WanModel
 from launcher import export as export_cli
+from tests.data.tiny_models import dit_inputs, random_dit
 
 pytest.importorskip("peft")  # diffusers' LoRA loading runs on peft (in the dev extra)
 
@@ -25,20 +26,11 @@ CFG = model_preset("tiny", gradient_checkpointing=False, fused_kernels=False)  #
 FULL = 24  # min(dim, ffn_dim): every block linear is 24 x 24, 32 x 24 or 24 x 32
 
 
-def random_model(seed: int) -> WanModel:
-    torch.manual_seed(seed)
-    model = WanModel(CFG).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """A teacher and a 'distilled' student: every block linear's weight and bias moved, the rest as the teacher."""
     root = tmp_path_factory.mktemp("lora")
-    teacher = random_model(0)
+    teacher = random_dit(CFG, 0)
     student = {k: v.clone() for k, v in teacher.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     for name, w in student.items():
@@ -52,11 +44,6 @@ def pair(tmp_path_factory):
 def forward(model, x, t, ctx, diffusers: bool):
     with torch.no_grad():
         return model(x, t, ctx, return_dict=False)[0] if diffusers else model(x, t, ctx)
-
-
-def inputs():
-    g = torch.Generator().manual_seed(5)
-    return torch.randn(2, 4, 3, 4, 4, generator=g), torch.tensor([900.0, 300.0]), torch.randn(2, 6, 16, generator=g)
 
 
 def ours_at(weights: dict[str, torch.Tensor]) -> WanModel:
@@ -81,7 +68,7 @@ def test_full_rank_lora_reproduces_the_student_in_diffusers(tmp_path, pair, layo
     report = export_lora(root / "student", root / "teacher", file, FULL, layout=layout, dtype=torch.float32)
     assert report["max_rel_error"] < 1e-6 and report["not_in_lora"] == {}  # every change is carried
     assert len(report["bias_changes"]) == 20
-    x, t, ctx = inputs()
+    x, t, ctx = dit_inputs()
     expected = forward(ours_at(student), x, t, ctx, False)
     got = forward(diffusers_with_lora(root, file), x, t, ctx, True)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
@@ -101,7 +88,7 @@ def test_low_rank_lora_matches_the_merged_student_and_reports_its_error(tmp_path
         assert stats["energy_kept"] == pytest.approx((s[:rank].square().sum() / s.square().sum()).item(), rel=1e-6)
     assert 0.3 < report["mean_rel_error"] < 1.0  # a random full-rank change is not captured by rank 4
     merged = dict(student_tensors(root / "teacher", lora=file)[1])  # our merge: W + up @ down, b + diff_b
-    x, t, ctx = inputs()
+    x, t, ctx = dit_inputs()
     expected = forward(ours_at(merged), x, t, ctx, False)
     got = forward(diffusers_with_lora(root, file), x, t, ctx, True)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -15,6 +15,7 @@ from engine.generate import load_dit, resolve_model
 from engine.models.checkpoint import convert_checkpoint, load_weights, read_model_config, save_weights
 from engine.models.wan import WanModel
 from launcher import export as export_cli
+from tests.data.tiny_models import dit_inputs, random_dit
 
 CFG = model_preset("tiny", gradient_checkpointing=False, fused_kernels=False)  # dim 24, 2 layers
 
@@ -22,11 +23,7 @@ CFG = model_preset("tiny", gradient_checkpointing=False, fused_kernels=False)  #
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """A random tiny student (diffusers layout on disk) and its fp32 weights."""
-    torch.manual_seed(0)
-    model = WanModel(CFG).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
+    model = random_dit(CFG, 0, std=0.3)
     path = save_weights(model, CFG, tmp_path_factory.mktemp("student") / "transformer")
     return path, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -41,12 +38,7 @@ def forward_pair(weights: dict[str, torch.Tensor], diffusers_dir):
     ours = WanModel(CFG).eval()
     ours.load_state_dict({k: v.float() for k, v in weights.items()})
     ref = WanTransformer3DModel.from_pretrained(diffusers_dir).float().eval()
-    g = torch.Generator().manual_seed(5)
-    x, ctx, t = (
-        torch.randn(2, 4, 3, 4, 4, generator=g),
-        torch.randn(2, 6, 16, generator=g),
-        torch.tensor([900.0, 300.0]),
-    )
+    x, t, ctx = dit_inputs()
     with torch.no_grad():
         return ours(x, t, ctx), ref(x, t, ctx, return_dict=False)[0]
 
