@@ -5,6 +5,11 @@
 
 The student comes from a trainer step directory (the generator's ZeRO partitions, consolidated with DeepSpeed's
 zero_to_fp32) or from any DiT checkpoint; names, shapes and channel counts are checked before anything is written.
+
+The other formats users deploy (docs/deploy.md): the directory completed into a diffusers WanPipeline
+(``export_pipeline``), the student as one official-key safetensors file, optionally scaled fp8
+(``export_single_file``), and a LoRA of the student over its teacher (``export_lora``); ``--merge-lora`` merges one
+back into a model (``student_tensors(..., lora=)``).
 """
 
 from __future__ import annotations
@@ -273,9 +278,8 @@ def export_deploy(
     return describe_deploy(deploy_dir)
 
 
-SCHEDULER_MODULE = (
-    "vidistill_scheduler"  # <pipeline>/scheduler/vidistill_scheduler.py: engine/diffusion/student_scheduler
-)
+# <pipeline>/scheduler/vidistill_scheduler.py is a copy of engine/diffusion/student_scheduler.py
+SCHEDULER_MODULE = "vidistill_scheduler"
 SCHEDULER_CLASS = "VidistillStudentScheduler"
 
 
