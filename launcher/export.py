@@ -21,6 +21,13 @@ Both are checked (architecture, config, channel counts) before anything is writt
 Diffusion Model"; bf16 by default, fp16 or fp32 with --dtype; --fp8 stores the blocks' linear weights as scaled
 float8_e4m3fn). --pipeline makes --out a complete diffusers pipeline (model_index.json, the student scheduler,
 VAE, umT5 and tokenizer from the run config) that WanPipeline.from_pretrained(out, trust_remote_code=True) loads.
+
+    python launcher/export.py --checkpoint runs/x/checkpoints/step_00000600 --teacher wan2.1-official/ \
+        --lora deploy/x_lora.safetensors --rank 64 [--lora-format comfy|diffusers]
+    python launcher/export.py --checkpoint my-finetune/ --merge-lora deploy/x_lora.safetensors --single-file m.safetensors
+
+--lora extracts a LoRA of the student over --teacher (SVD per block linear; <lora>.report.json holds the per-layer
+reconstruction error) in ComfyUI's or diffusers' key layout; --merge-lora merges one into --checkpoint.
 See docs/deploy.md.
 """
 
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
-        help="dtype of a trainer-checkpoint export (default fp32; bf16 for --single-file)",
+        help="dtype of a trainer-checkpoint export (default fp32; bf16 for --single-file and --lora)",
     )
     p.add_argument("--out", help="deployment directory")
     p.add_argument("--single-file", help="also write the student as one .safetensors file, official Wan2.1 keys")
