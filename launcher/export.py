@@ -24,7 +24,7 @@ VAE, umT5 and tokenizer from the run config) that WanPipeline.from_pretrained(ou
 
     python launcher/export.py --checkpoint runs/x/checkpoints/step_00000600 --teacher wan2.1-official/ \
         --lora deploy/x_lora.safetensors --rank 64 [--lora-format comfy|diffusers]
-    python launcher/export.py --checkpoint my-finetune/ --merge-lora deploy/x_lora.safetensors --single-file m.safetensors
+    python launcher/export.py --checkpoint my-finetune/ --merge-lora deploy/x_lora.safetensors --out deploy/y
 
 --lora extracts a LoRA of the student over --teacher (SVD per block linear; <lora>.report.json holds the per-layer
 reconstruction error) in ComfyUI's or diffusers' key layout; --merge-lora merges one into --checkpoint.
