@@ -36,6 +36,8 @@ EXTRAS = {
         "ruff>=0.6",
         "accelerate>=1.0",  # diffusers' from_pretrained of WanTransformer3DModel (fp32-kept modules) requires it
         "matplotlib>=3.8",  # the ablation's plots (launcher/ablate.py)
+        "wandb>=0.31",  # logging.wandb (tests/train/test_wandb.py runs it offline)
+        "peft>=0.14",  # diffusers' LoRA loading (tests/models/test_lora.py loads our LoRA exports with it)
     ],
 }
 

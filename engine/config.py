@@ -304,6 +304,16 @@ class QualityConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (rank 0): the same scalars, the sample videos, the resolved config."""
+
+    project: Optional[str] = None
+    """W&B project (None: "vidistill")."""
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    """disabled (default), offline (a run directory under <run_dir>/wandb, synced later with `wandb sync`) or online."""
+
+
+@dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
     """Run directory: resolved config, checkpoints, TensorBoard events, samples."""
@@ -327,6 +337,8 @@ class LoggingConfig:
     """Sample prompts a world picks when sample_prompts is empty (toy: the first N held-out captions)."""
     quality: QualityConfig = field(default_factory=QualityConfig)
     """Scores of the sample videos and drift warnings against the teacher."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging (off by default)."""
 
 
 @dataclass
@@ -826,6 +838,12 @@ def _validate_optim(o: OptimConfig) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _validate_run(cfg: RunConfig) -> None:
     _require(cfg.train.max_steps >= 1, "train.max_steps", "must be >= 1")
     _require(cfg.train.max_nonfinite_in_a_row >= 1, "train.max_nonfinite_in_a_row", "must be >= 1")
@@ -838,6 +856,8 @@ def _validate_run(cfg: RunConfig) -> None:
     q = cfg.logging.quality
     _require(q.saturation_margin >= 0, "logging.quality.saturation_margin", "must be >= 0")
     _require(0 <= q.motion_margin <= 1, "logging.quality.motion_margin", "must lie in [0, 1]")
+    wandb_off = cfg.logging.wandb.mode == "disabled"
+    _require(wandb_off or _importable("wandb"), "logging.wandb.mode", "needs the wandb package (pip install wandb)")
     _require(cfg.text_encoder.max_length >= 1, "text_encoder.max_length", "must be >= 1")
     _require(len(cfg.interp.channels) == 3, "interp.channels", "needs three widths (one per U-Net level)")
     _require(all(c > 0 for c in cfg.interp.channels), "interp.channels", "widths must be positive")

@@ -5,20 +5,35 @@
 
 The student comes from a trainer step directory (the generator's ZeRO partitions, consolidated with DeepSpeed's
 zero_to_fp32) or from any DiT checkpoint; names, shapes and channel counts are checked before anything is written.
+
+The other formats users deploy (docs/deploy.md): the directory completed into a diffusers WanPipeline
+(``export_pipeline``), the student as one official-key safetensors file, optionally scaled fp8
+(``export_single_file``), and a LoRA of the student over its teacher (``export_lora``); ``--merge-lora`` merges one
+back into a model (``student_tensors(..., lora=)``).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from engine.config import ConfigError, ModelConfig, load_config
+from engine.config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, load_config
+from engine.fsutil import atomic_write_text
 from engine.models.checkpoint import (
     CheckpointError,
+    checkpoint_keys,
     convert_checkpoint,
+    detect_layout,
+    is_block_linear,
     read_model_config,
     save_weights,
+    tensor_getter,
+    to_official_key,
     weight_files,
 )
 from engine.models.interp_unet import (
@@ -27,6 +42,9 @@ from engine.models.interp_unet import (
     read_interpolator_config,
     save_interpolator,
 )
+from engine.models.lora import LAYOUTS as LORA_LAYOUTS
+from engine.models.lora import extract_lora, merge_lora, read_lora, save_lora
+from engine.models.single_file import save_single_file
 from engine.models.wan import build_model
 
 
@@ -71,15 +89,15 @@ def check_state(state: dict, cfg: ModelConfig, where: Path) -> None:
         raise CheckpointError(f"{where}: missing {missing[:10]}, unexpected {unexpected[:10]}, shapes {bad[:5]}")
 
 
-class _Materialized:
-    """``items()`` of a lazy ZeRO state dict, one tensor gathered at a time (what ``save_weights`` iterates)."""
+class _Pairs:
+    """``items()`` over (name, tensor) pairs, cast to ``dtype`` one at a time (what ``save_weights`` iterates)."""
 
-    def __init__(self, state: dict, dtype: torch.dtype):
-        self.state, self.dtype = state, dtype
+    def __init__(self, named: Iterator, dtype: torch.dtype):
+        self.named, self.dtype = named, dtype
 
     def items(self):
-        for name, lazy in self.state.items():
-            yield name, lazy.contiguous().to(self.dtype)
+        for name, tensor in self.named:
+            yield name, tensor.to(self.dtype)
 
 
 def interpolator_dir(src: str | Path) -> Path:
@@ -103,18 +121,128 @@ def export_student(
     run_config: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 5 << 30,
+    lora: str | Path | None = None,
 ) -> Path:
     """Write ``<deploy_dir>/transformer`` (diffusers layout) from a trainer step directory (the generator's ZeRO
     partitions, consolidated by DeepSpeed's zero_to_fp32, cast to ``dtype``) or from any DiT checkpoint (converted,
-    dtypes kept). Names and shapes are checked against the architecture before anything is written."""
+    dtypes kept). Names and shapes are checked against the architecture before anything is written. ``lora``: a LoRA
+    file merged in first (then cast to ``dtype``)."""
     src, out = Path(src), Path(deploy_dir) / "transformer"
     model_cfg = _architecture(src, run_config)
+    if lora is not None:
+        cfg, named = student_tensors(src, run_config, lora)
+        return save_weights(_Pairs(named, dtype), cfg, out, max_shard_bytes=max_shard_bytes)
     if not is_trainer_checkpoint(src):
         convert_checkpoint(src, out, "diffusers", max_shard_bytes=max_shard_bytes)
         return out
     state = zero_state(src)
     check_state(state, model_cfg, src)
-    return save_weights(_Materialized(state, dtype), model_cfg, out, max_shard_bytes=max_shard_bytes)
+    lazy = ((name, t.contiguous()) for name, t in state.items())  # one tensor gathered at a time
+    return save_weights(_Pairs(lazy, dtype), model_cfg, out, max_shard_bytes=max_shard_bytes)
+
+
+def _checked_source(src: Path, run_config: str | Path | None) -> tuple[ModelConfig, list[str], Callable]:
+    """Architecture, official names and a name -> tensor getter of a trainer step directory (ZeRO partitions,
+    consolidated lazily) or a DiT checkpoint (either layout, scaled fp8 dequantized); names and shapes checked
+    against the architecture before any tensor is read."""
+    cfg = _architecture(src, run_config)
+    if is_trainer_checkpoint(src):
+        state = zero_state(src)
+        check_state(state, cfg, src)
+        return cfg, list(state), lambda name: state[name].contiguous()
+    keys = checkpoint_keys(src)
+    layout = detect_layout(keys)
+    unknown = [k for k in keys if to_official_key(k, layout) is None]
+    if unknown:
+        raise CheckpointError(f"{src}: keys that are not part of a Wan2.1 T2V DiT ({len(unknown)}): {unknown[:10]}")
+    shapes = {}
+    for file in weight_files(src):
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({to_official_key(k, layout): f.get_slice(k).get_shape() for k in keys if k in f.keys()})  # noqa: SIM118
+    check_state({k: torch.empty(v, device="meta") for k, v in shapes.items()}, cfg, src)
+    return cfg, list(shapes), tensor_getter(src, layout)
+
+
+def student_tensors(
+    src: str | Path, run_config: str | Path | None = None, lora: str | Path | None = None
+) -> tuple[ModelConfig, Iterator]:
+    """The architecture of a student and its (official name, tensor) pairs, one tensor at a time (see
+    ``_checked_source``); with ``lora`` (a LoRA file in either layout) merged in, its layers checked first."""
+    cfg, names, get = _checked_source(Path(src), run_config)
+    named = ((name, get(name)) for name in names)
+    if lora is None:
+        return cfg, named
+    layers = read_lora(lora)
+    check_lora(layers, cfg, lora)
+    return cfg, merge_lora(named, layers, lora)
+
+
+def _same_architecture(a: ModelConfig, b: ModelConfig, what: str) -> None:
+    for f in ARCH_FIELDS:
+        if getattr(a, f) != getattr(b, f):
+            raise CheckpointError(f"{what}: model.{f} is {getattr(b, f)}, the student's is {getattr(a, f)}")
+
+
+def check_lora(layers: dict, cfg: ModelConfig, where: str | Path) -> None:
+    """Every LoRA layer against the architecture's linear layers (built on the meta device), before any merge."""
+    shapes = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta").state_dict().items()}
+    for layer, a in sorted(layers.items()):
+        want = shapes.get(layer + ".weight")
+        if want is None or len(want) != 2:
+            raise CheckpointError(f"{where}: LoRA layer {layer} is not a linear layer of this model "
+                                  f"({cfg.num_layers} blocks): a LoRA of another architecture")  # fmt: skip
+        if a.up.shape[0] != want[0] or a.down.shape[1] != want[1]:
+            raise CheckpointError(
+                f"{where}: LoRA layer {layer} has up {tuple(a.up.shape)} and down {tuple(a.down.shape)}; the "
+                f"model's weight is {want}, expected up ({want[0]}, r) and down (r, {want[1]}): a LoRA of another "
+                "architecture"
+            )
+
+
+def export_lora(
+    student: str | Path,
+    teacher: str | Path,
+    path: str | Path,
+    rank: int,
+    *,
+    layout: str = "comfy",
+    dtype: torch.dtype = torch.bfloat16,
+    run_config: str | Path | None = None,
+) -> dict:
+    """Extract a rank-``rank`` LoRA of ``student`` over ``teacher`` (engine.models.lora), write it in ``layout`` with
+    ``<path>.report.json`` (per-layer reconstruction error); returns the report."""
+    if layout not in LORA_LAYOUTS:
+        raise CheckpointError(f"--lora-format {layout!r}: expected one of {LORA_LAYOUTS}")
+    if not str(path).endswith(".safetensors"):
+        raise CheckpointError(f"--lora: {path} must end in .safetensors")
+    cfg, names, get_student = _checked_source(Path(student), run_config)
+    tcfg, _, get_teacher = _checked_source(Path(teacher), None)
+    _same_architecture(cfg, tcfg, f"--teacher {teacher}")
+    for name, meta in build_model(cfg, device="meta").state_dict().items():  # the rank, before any SVD
+        out_dim, in_dim = meta.shape[0], meta.shape[-1]
+        if name.endswith(".weight") and is_block_linear(name[: -len(".weight")]) and rank > min(out_dim, in_dim):
+            raise CheckpointError(f"--rank {rank}: layer {name} is {out_dim} x {in_dim}; the rank must be at most "
+                                  f"{min(out_dim, in_dim)}")  # fmt: skip
+    extraction = extract_lora(((n, get_student(n)) for n in names), get_teacher, rank)
+    extraction.report.update(student=str(student), teacher=str(teacher), layout=layout)
+    save_lora(extraction.layers, path, layout, dtype, extraction.report)
+    return extraction.report
+
+
+def export_single_file(
+    src: str | Path,
+    path: str | Path,
+    *,
+    run_config: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    fp8: bool = False,
+    lora: str | Path | None = None,
+) -> Path:
+    """The student as one safetensors file in the official key layout (ComfyUI's diffusion-model loader), cast to
+    ``dtype``; with ``fp8`` the blocks' linear weights in scaled float8_e4m3fn (engine.models.single_file); with
+    ``lora`` that LoRA merged in first."""
+    cfg, named = student_tensors(src, run_config, lora)
+    return save_single_file(named, cfg, path, dtype, fp8)
 
 
 def export_interpolator(src: str | Path, deploy_dir: str | Path) -> Path:
@@ -136,6 +264,7 @@ def export_deploy(
     interpolator: str | Path | None = None,
     run_config: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
+    lora: str | Path | None = None,
 ) -> dict:
     """Check both parts from their configs (architecture, interpolator config, channel counts), then write them.
     Returns what the directory holds."""
@@ -143,10 +272,93 @@ def export_deploy(
         in_dim = _architecture(Path(student), run_config).in_dim
         if interpolator is not None:
             check_channels(read_interpolator_config(interpolator_dir(interpolator))["in_channels"], in_dim)
-        export_student(student, deploy_dir, run_config=run_config, dtype=dtype)
+        export_student(student, deploy_dir, run_config=run_config, dtype=dtype, lora=lora)
     if interpolator is not None:
         export_interpolator(interpolator, deploy_dir)
     return describe_deploy(deploy_dir)
+
+
+# <pipeline>/scheduler/vidistill_scheduler.py is a copy of engine/diffusion/student_scheduler.py
+SCHEDULER_MODULE = "vidistill_scheduler"
+SCHEDULER_CLASS = "VidistillStudentScheduler"
+
+
+def pipeline_run_config(student: str | Path | None, run_config: str | Path | None) -> RunConfig:
+    """The run config a pipeline export reads (its VAE, text encoder and student timesteps): ``--config``, or the
+    trainer checkpoint's ``<run>/config.yaml``. Its Wan world paths must exist."""
+    if run_config is None and student is not None and is_trainer_checkpoint(Path(student)):
+        run_config = Path(student).resolve().parent.parent / "config.yaml"
+    if run_config is None:
+        raise CheckpointError("--pipeline needs the run config (--config): its vae.path, text_encoder.path and "
+                              "diffusion.student_timesteps go into the pipeline")  # fmt: skip
+    try:
+        cfg = load_config(run_config)
+    except ConfigError as exc:
+        raise CheckpointError(f"--pipeline: the run config {run_config}: {exc}") from exc
+    for key, kind, want in (("vae", cfg.vae.kind, "wan"), ("text_encoder", cfg.text_encoder.kind, "umt5")):
+        if kind != want:
+            raise CheckpointError(f"--pipeline: config key `{key}.kind` is {kind!r}; a diffusers WanPipeline needs "
+                                  f"{want}")  # fmt: skip
+    for key, value in (("vae.path", cfg.vae.path), ("text_encoder.path", cfg.text_encoder.path)):
+        if not value or not Path(value).exists():
+            raise CheckpointError(f"--pipeline: config key `{key}`: {value!r} does not exist")
+    return cfg
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    """The files (not the subdirectories) of ``src`` into a fresh ``dst``."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def export_pipeline(deploy_dir: str | Path, cfg: RunConfig) -> Path:
+    """Complete ``<deploy_dir>`` (which holds ``transformer/``) into a diffusers WanPipeline directory: the VAE
+    (copied, or converted from the official .pth), the umT5 encoder and tokenizer (copied), the student scheduler
+    (its code and config with ``diffusion.student_timesteps``) and ``model_index.json``, written last."""
+    from diffusers import __version__ as diffusers_version
+    from transformers import AutoTokenizer
+
+    from engine.data.text import _locate
+    from engine.data.vae import load_official_vae
+
+    root = Path(deploy_dir)
+    if not (root / "transformer" / "config.json").is_file():
+        raise CheckpointError(f"{root}: no transformer/ to build a pipeline around (export the student first)")
+    vae = Path(cfg.vae.path)
+    if vae.is_dir():
+        _copy_files(vae / "vae" if (vae / "vae" / "config.json").is_file() else vae, root / "vae")
+    else:
+        load_official_vae(str(vae)).save_pretrained(root / "vae")
+    enc_dir, tok_dir = _locate(Path(cfg.text_encoder.path))
+    _copy_files(enc_dir, root / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    tokenizer.save_pretrained(root / "tokenizer")
+    sched = root / "scheduler"
+    sched.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(__file__).parent / "diffusion" / "student_scheduler.py", sched / f"{SCHEDULER_MODULE}.py")
+    d = cfg.diffusion
+    sched_config = {"_class_name": SCHEDULER_CLASS, "_diffusers_version": diffusers_version,
+                    "num_train_timesteps": d.num_train_timesteps, "shift": 1.0,
+                    "student_timesteps": [float(t) for t in d.student_timesteps]}  # fmt: skip
+    atomic_write_text(sched / "scheduler_config.json", json.dumps(sched_config, indent=2))
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": diffusers_version,
+        "boundary_ratio": None,
+        "expand_timesteps": False,
+        "scheduler": [SCHEDULER_MODULE, SCHEDULER_CLASS],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    atomic_write_text(root / "model_index.json", json.dumps(index, indent=2))
+    return root
 
 
 def describe_deploy(deploy_dir: str | Path) -> dict:

@@ -87,9 +87,10 @@ def make_sampler(
     monitor: QualityMonitor | None = None,
     teacher: tuple[torch.nn.Module, torch.Tensor] | None = None,
 ) -> Callable[[torch.nn.Module, int], dict | None]:
-    """sampler(generator, step) for the trainer; collective (call it on every rank). With ``monitor`` (rank 0's,
-    None elsewhere) it returns the quality report on rank 0; ``teacher`` (module, unconditional context) draws the
-    monitor's teacher reference once, on every rank, when ``needs_teacher``."""
+    """sampler(generator, step) for the trainer; collective (call it on every rank). On rank 0 it returns
+    ``{"videos": [the mp4 paths written], "quality": report}`` (None elsewhere): the report is ``monitor``'s (rank 0's,
+    None elsewhere), or None without one; ``teacher`` (module, unconditional context) draws the monitor's teacher
+    reference once, on every rank, when ``needs_teacher``."""
     out_dir = Path(cfg.logging.run_dir) / "samples"
     schedule = FlowSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.shift)
     videos = [(seed, i) for seed in (cfg.logging.sample_seeds or [0]) for i in range(len(prompts))]
@@ -123,14 +124,14 @@ def make_sampler(
         gathered = gather(latents)
         if not dist.is_main():
             return None
-        decoded = []
+        decoded, paths = [], []
         for (seed, i), lat in zip(videos, gathered):
             video = decode(lat[None])
             decoded.append(video[None])
-            write_mp4(
-                out_dir / sample_name(step, seed, i, prompts[i]), to_frames(video), cfg.data.fps, scale=view_scale
-            )
-        return monitor.report(step, gathered, torch.cat(decoded)) if monitor is not None else None
+            paths.append(out_dir / sample_name(step, seed, i, prompts[i]))
+            write_mp4(paths[-1], to_frames(video), cfg.data.fps, scale=view_scale)
+        report = monitor.report(step, gathered, torch.cat(decoded)) if monitor is not None else None
+        return {"videos": paths, "quality": report}
 
     return sampler
 

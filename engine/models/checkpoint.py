@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,8 @@ Layout = Literal["official", "diffusers"]
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 COMFY_PREFIX = "model.diffusion_model."
+FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 marker key (comfy/model_detection.py); its dtype is the fp8 format
+SCALE_SUFFIX = ".scale_weight"  # per-layer float32 scale of a scaled-fp8 weight (comfy/ops.py scaled_fp8_ops)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -50,6 +52,15 @@ for _ours, _theirs in (("self_attn", "attn1"), ("cross_attn", "attn2")):
         _RENAMES.append((f"blocks.{{i}}.{_ours}.{_a}.{{p}}", f"blocks.{{i}}.{_theirs}.{_b}.{{p}}"))
     for _n in ("norm_q", "norm_k"):
         _RENAMES.append((f"blocks.{{i}}.{_ours}.{_n}.weight", f"blocks.{{i}}.{_theirs}.{_n}.weight"))
+
+
+_BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])\Z")
+
+
+def is_block_linear(layer: str) -> bool:
+    """Whether an official layer name (no .weight/.bias) is a linear layer of a transformer block: self- and
+    cross-attention q, k, v, o and the two FFN linears (what LoRA and scaled fp8 target)."""
+    return _BLOCK_LINEAR.match(layer) is not None
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -123,19 +134,56 @@ def weights_fingerprint(path: str | Path, sample_bytes: int = 4 << 20) -> str:
     return digest.hexdigest()[:16]
 
 
+def _scaled_fp8(keys: list[str]) -> tuple[set[str], dict[str, str]]:
+    """Of a scaled-fp8 file's keys: the keys to skip (marker, scales) and weight key -> its scale key."""
+    if not any(_strip_prefix(k) == FP8_MARKER for k in keys):
+        return set(), {}
+    scales = {k[: -len(SCALE_SUFFIX)] + ".weight": k for k in keys if k.endswith(SCALE_SUFFIX)}
+    return {k for k in keys if _strip_prefix(k) == FP8_MARKER} | set(scales.values()), scales
+
+
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs, one tensor in memory at a time."""
+    """(key, tensor) pairs, one tensor in memory at a time. A scaled-fp8 weight (ComfyUI's convention, written by
+    ``engine.models.single_file``) comes back dequantized in float32: fp8 value * its ``scale_weight``."""
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield key, f.get_tensor(key)
+            keys = list(f.keys())
+            skip, scales = _scaled_fp8(keys)
+            for key in keys:
+                if key in skip:
+                    continue
+                tensor = f.get_tensor(key)
+                if key in scales:
+                    tensor = tensor.to(torch.float32) * f.get_tensor(scales[key]).to(torch.float32)
+                yield key, tensor
+
+
+def tensor_getter(path: str | Path, layout: Layout) -> Callable[[str], torch.Tensor]:
+    """Random access by official name (scaled fp8 dequantized), reading one tensor per call."""
+    index = {}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+            skip, scales = _scaled_fp8(keys)
+            index.update({to_official_key(k, layout): (file, k, scales.get(k)) for k in keys if k not in skip})
+
+    def get(name: str) -> torch.Tensor:
+        if name not in index:
+            raise CheckpointError(f"{path}: no tensor {name}")
+        file, key, scale = index[name]
+        with safe_open(str(file), framework="pt") as f:
+            t = f.get_tensor(key)
+            return t.to(torch.float32) * f.get_tensor(scale).to(torch.float32) if scale else t
+
+    return get
 
 
 def checkpoint_keys(path: str | Path) -> list[str]:
     keys = []
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
-            keys.extend(f.keys())
+            skip, _ = _scaled_fp8(list(f.keys()))
+            keys.extend(k for k in f.keys() if k not in skip)  # noqa: SIM118
     return keys
 
 
@@ -215,6 +263,11 @@ def read_model_config(path: str | Path, **overrides) -> ModelConfig:
     """The architecture stored next to a checkpoint (config.json in its directory)."""
     files = weight_files(path)
     candidates = [files[0].parent / "config.json", Path(path) / "config.json"]
+    if Path(path).is_file() and len(files) == 1:  # a one-file export: its own metadata before a neighbour's config
+        with safe_open(str(files[0]), framework="pt") as f:
+            embedded = (f.metadata() or {}).get("config")
+        if embedded:
+            return model_config_from_json(json.loads(embedded), **overrides)
     for c in candidates:
         if c.is_file():
             return model_config_from_json(json.loads(c.read_text()), **overrides)

@@ -19,6 +19,7 @@ stay on the device and reach the host at log steps, as means over the window and
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ class LoopSettings:
     progress_bar: bool = True
     tensorboard: bool = True
     text_log: bool = True
+    wandb_mode: str = "disabled"
+    wandb_project: str | None = None
+    run_config: dict | None = None  # the resolved config, for W&B
 
     @classmethod
     def of(cls, cfg: RunConfig, max_steps: int | None = None) -> LoopSettings:
@@ -109,6 +113,9 @@ class LoopSettings:
             max_nonfinite_in_a_row=cfg.train.max_nonfinite_in_a_row,
             progress_bar=lg.progress_bar,
             tensorboard=lg.tensorboard,
+            wandb_mode=lg.wandb.mode,
+            wandb_project=lg.wandb.project,
+            run_config=dataclasses.asdict(cfg),
         )
 
 
@@ -143,7 +150,7 @@ class _Window:
 class Loop:
     """``Loop(settings, method, source).run()``; hooks: ``on_step(loop, metrics)`` on every rank after each step
     (``metrics=None`` once before the first), ``after_save(loop, path)`` (collective), ``sampler(step)`` every
-    ``sample_every`` steps and at the end (a dict it returns is a quality report for the observer), ``exporter()`` at
+    ``sample_every`` steps and at the end (see :meth:`_sample` for what it returns), ``exporter()`` at
     the end of a run that trained, or whose export is missing (``export_done()`` says whether it is there). ``meta``
     is kept in every checkpoint (e.g. the teacher fingerprint)."""
 
@@ -156,7 +163,7 @@ class Loop:
         cfg: RunConfig | None = None,
         on_step: Callable[[Loop, dict | None], None] | None = None,
         after_save: Callable[[Loop, Path], None] | None = None,
-        sampler: Callable[[int], None] | None = None,
+        sampler: Callable[[int], list[Path] | None] | None = None,
         sample_every: int = 0,
         exporter: Callable[[], None] | None = None,
         export_done: Callable[[], bool] | None = None,
@@ -324,12 +331,17 @@ class Loop:
             }
             self.observer.log(step, means, {**extra, "perf/samples_per_s": samples_s, **skipped})
 
-    def _sample(self) -> None:
-        report = self.sampler(self.step)
-        if report and self.observer:
-            self.observer.quality(self.step, report)
-
     # -- the loop --------------------------------------------------------------------------------------------------
+
+    def _sample(self) -> None:
+        """The sampler (collective). What it returns on rank 0, ``{"videos": [mp4 paths], "quality": report}``, goes
+        to the observer: the videos to its media loggers, a quality report to its scalars and warnings."""
+        out = self.sampler(self.step)
+        if self.observer and out:
+            if out.get("videos"):
+                self.observer.log_videos(self.step, out["videos"])
+            if out.get("quality"):
+                self.observer.quality(self.step, out["quality"])
 
     def run(self) -> dict:
         self.resume()

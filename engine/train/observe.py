@@ -3,11 +3,16 @@
 Scalars per log step: the method's metrics (means over the window and the ranks), what the method adds (the
 distillation: per-phase wall time, tokens/s, estimated MFU from model FLOPs as in docs/wan.md#flops, the regression
 EMA cache), samples/s, skipped updates.
+
+Weights & Biases (``logging.wandb``, off by default) receives the same scalars at the same steps, the sample videos
+as media and the resolved config; offline mode writes ``<run_dir>/wandb/offline-run-*`` for a later ``wandb sync``.
+The run id is kept in ``<run_dir>/wandb-run-id`` so a resumed job continues the same W&B run.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 
@@ -15,6 +20,7 @@ import torch
 
 from engine.config import RunConfig
 from engine.console import progress
+from engine.fsutil import atomic_write_text
 from engine.train import dist
 from engine.train.quality import drop_rows_after
 
@@ -40,8 +46,28 @@ class Observer:
         self.text = (self.run_dir / "train.log").open("a") if settings.text_log else None
         self.tb = None
         self.bar = None
+        self.wandb = None
+
+    def _start_wandb(self) -> None:
+        import wandb  # importable: checked with the config (logging.wandb.mode)
+
+        id_file = self.run_dir / "wandb-run-id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        atomic_write_text(id_file, run_id + "\n")
+        self.wandb = wandb.init(
+            project=self.s.wandb_project or "vidistill",
+            mode=self.s.wandb_mode,
+            dir=str(self.run_dir),
+            id=run_id,
+            resume="allow",
+            name=self.run_dir.name,
+            config=self.s.run_config or {},
+            settings=wandb.Settings(console="off", silent=True),  # our own console; no stdout capture
+        )
 
     def start(self, step: int, total: int) -> None:
+        if self.s.wandb_mode != "disabled":
+            self._start_wandb()
         if self.s.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -72,6 +98,8 @@ class Observer:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         losses = {k: v for k, v in means.items() if k.startswith("loss")}
         if self.bar is not None:
             self.bar.set_postfix({k.replace("loss_", ""): f"{v:.4g}" for k, v in losses.items()}, refresh=False)
@@ -94,6 +122,15 @@ class Observer:
         for w in report["warnings"]:
             self.log_text(f"step {step} WARNING quality drift: {w}")
 
+    def log_videos(self, step: int, paths: list[Path]) -> None:
+        """Sample videos (mp4 files the sampler wrote) as W&B media, keyed by name without the step prefix."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        media = {f"samples/{Path(p).stem.split('_', 1)[-1]}": wandb.Video(str(p), format="mp4") for p in paths}
+        self.wandb.log(media, step=step)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -101,3 +138,9 @@ class Observer:
             self.tb.close()
         if self.text is not None:
             self.text.close()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.finish()
+            wandb.teardown()  # waits for the service to write everything (finish alone may return before that)
+            self.wandb = None

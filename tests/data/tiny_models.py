@@ -1,4 +1,4 @@
-"""Tiny umT5 and Wan VAE models built in code (no download), saved in the diffusers pipeline layout."""
+"""Tiny umT5, Wan VAE and DiT models built in code (no download), saved in the diffusers pipeline layout."""
 
 from __future__ import annotations
 
@@ -50,3 +50,22 @@ def save_vae(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     AutoencoderKLWan(**VAE_TINY).save_pretrained(root / "vae")
     return root
+
+
+def random_dit(cfg, seed: int = 0, std: float = 0.2):
+    """Our Wan DiT with every parameter drawn from N(0, std) (zero-initialized tensors would hide mapping bugs)."""
+    from engine.models.wan import WanModel
+
+    torch.manual_seed(seed)
+    model = WanModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def dit_inputs(seed: int = 5, channels: int = 4, text_dim: int = 16):
+    """(x (2, C, 3, 4, 4), t (2,), context (2, 6, text_dim)) for a tiny DiT, timesteps 900 and 300."""
+    g = torch.Generator().manual_seed(seed)
+    x, ctx = torch.randn(2, channels, 3, 4, 4, generator=g), torch.randn(2, 6, text_dim, generator=g)
+    return x, torch.tensor([900.0, 300.0]), ctx

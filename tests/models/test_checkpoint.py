@@ -24,6 +24,7 @@ from engine.models.checkpoint import (
     weights_fingerprint,
 )
 from engine.models.wan import WanModel, build_model
+from tests.data.tiny_models import random_dit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,12 +49,7 @@ def test_unknown_keys_do_not_map():
 
 
 def _random_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = WanModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
+    return random_dit(cfg, seed)
 
 
 def _official_dir(tmp_path, cfg, model, shards=1):
