@@ -14,6 +14,9 @@ def init(timeout_minutes: int = 30) -> None:
     with no launcher becomes rank 0 of 1."""
     if dist.is_initialized():
         return
+    from engine.train.signals import die_with_parent
+
+    die_with_parent()  # a worker started by torchrun/deepspeed dies with its launcher
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -57,6 +60,14 @@ def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
+
+
+def all_max(value: float, device: torch.device | str = "cpu") -> float:
+    """The largest ``value`` over ranks (one small collective)."""
+    t = torch.tensor([float(value)], device=device)
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
