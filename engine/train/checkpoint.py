@@ -151,7 +151,11 @@ def _read_manifest(path: Path, rank: int) -> dict:
 def _check_files(path: Path, files: dict[str, dict], checksums: bool) -> list[str]:
     problems = []
     for rel, want in sorted(files.items()):
-        f = Path(path) / rel
+        try:  # names read from a manifest stay inside the checkpoint
+            f = safe_load.inside(path, rel, f"the manifest of {path}")
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
         if not f.is_file():
             problems.append(f"{f} is missing")
             continue

@@ -304,6 +304,17 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path, re
     assert not marker.exists()
 
 
+def test_a_manifest_naming_a_file_outside_the_checkpoint_does_not_verify(tmp_path):
+    root = tmp_path / "checkpoints"
+    good, bad = _fake(root, 2), _fake(root, 4)
+    (tmp_path / "outside.pt").write_bytes(b"x")
+    body = json.loads(ckpt.manifest_file(bad, 0).read_text())
+    body["files"]["../../outside.pt"] = {"size": 1, "blake2b": ckpt.file_digest(tmp_path / "outside.pt")}
+    ckpt.manifest_file(bad, 0).write_text(json.dumps(body))
+    assert ckpt.quick_check(bad) == [f"the manifest of {bad}: '../../outside.pt' is not a file inside {bad}"]
+    assert ckpt.find_resume(root, "auto") == good
+
+
 # -- signals -----------------------------------------------------------------------------------------------------------
 
 
