@@ -4,7 +4,8 @@
     <deploy>/interpolator/    the frame-interpolation U-Net (safetensors + config.json)
 
 The student comes from a trainer step directory (the generator's ZeRO partitions, consolidated with DeepSpeed's
-zero_to_fp32) or from any DiT checkpoint; names, shapes and channel counts are checked before anything is written.
+zero_to_fp32, its file reads made weights-only: engine/safe_load.py) or from any DiT checkpoint; names, shapes and
+channel counts are checked before anything is written.
 
 The other formats users deploy (docs/deploy.md): the directory completed into a diffusers WanPipeline
 (``export_pipeline``), the student as one official-key safetensors file, optionally scaled fp8
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine import safe_load
 from engine.config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, load_config
 from engine.fsutil import atomic_write_text
 from engine.models.checkpoint import (
@@ -76,7 +78,11 @@ def zero_state(step_dir: Path, role: str = "generator", lazy: bool = True) -> di
     """The consolidated fp32 state of a role from ZeRO partitions (lazy: tensors gathered on ``.contiguous()``)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=role, lazy_mode=lazy)
+    try:
+        with safe_load.deepspeed_loads():  # zero_to_fp32's torch.load calls become weights-only
+            return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=role, lazy_mode=lazy)
+    except safe_load.UnsafeFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def check_state(state: dict, cfg: ModelConfig, where: Path) -> None:

@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
     console.setup_logging()
-    from engine.train.errors import TrainingStopped
+    from engine.train.errors import TrainingStopped, report
+    from engine.train.signals import die_with_parent
+
+    die_with_parent()  # a worker of torchrun/deepspeed does not outlive its launcher
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"run: {exc}", file=sys.stderr)
         return 2
-    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values
-        print(f"run: error: {exc}", file=sys.stderr)
-        return 1
+    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values, SIGTERM/SIGINT
+        return report("run", exc)
     if summary.get("rank", 0) == 0:
         done = (
             " (already finished: nothing to train; raise train.max_steps to continue)"

@@ -173,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"teacher_experiment: {exc}", file=sys.stderr)
         return 2
-    return train(args, cfg) if args.mode == "train" else score_weights(args, cfg)
+    from engine.train.errors import TrainingStopped, report
+
+    try:
+        return train(args, cfg) if args.mode == "train" else score_weights(args, cfg)
+    except TrainingStopped as exc:  # out of space, non-finite values, SIGTERM/SIGINT: one line
+        return report("teacher_experiment", exc)
 
 
 if __name__ == "__main__":

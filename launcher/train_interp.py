@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. interp.steps=100")
     args = p.parse_args(argv)
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
-    from engine.train.errors import TrainingStopped
+    from engine.train.errors import TrainingStopped, report
+    from engine.train.signals import die_with_parent
+
+    die_with_parent()  # a worker of torchrun/deepspeed does not outlive its launcher
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -60,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InterpolatorError, FileNotFoundError, ValueError) as exc:
         print(f"train_interp: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values
-        print(f"train_interp: error: {exc}", file=sys.stderr)
-        return 1
+    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values, SIGTERM/SIGINT
+        return report("train_interp", exc)
     if result.step == result.start:
         print(f"nothing to train: the run in {cfg.logging.run_dir} is already at step {result.step}")
     elif result.export_dir is not None:  # rank 0

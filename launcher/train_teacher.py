@@ -35,13 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval:
         print(evaluate_teacher(cfg, args.eval))
         return 0
-    from engine.train.errors import TrainingStopped
+    from engine.train.errors import TrainingStopped, report
 
     try:
         print(train_teacher(cfg))
-    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values
-        print(f"train_teacher: error: {exc}", file=sys.stderr)
-        return 1
+    except TrainingStopped as exc:  # out of space, no checkpoint to resume, non-finite values, SIGTERM/SIGINT
+        return report("train_teacher", exc)
     return 0
 
 

@@ -39,6 +39,7 @@ from engine import console
 from engine.data.manifest import ManifestEntry
 from engine.data.skips import AllSamplesBadError, BadSample
 from engine.fsutil import atomic_write, atomic_write_text
+from engine.safe_load import inside
 
 KINDS = ("text", "latents")
 
@@ -316,7 +317,10 @@ def verify_shards(cache_dir: str | os.PathLike, kind: str, index: dict[str, Any]
     """Every shard ``index`` lists is present, its header readable and consistent with the file size, holding the
     tensors of its kind with one row per listed entry. Reads headers only; raises CacheError naming the file."""
     for shard in index.get("shards", []):
-        path = Path(cache_dir) / kind / shard["file"]
+        try:  # shard names read from the index stay inside its directory
+            path = inside(Path(cache_dir) / kind, shard["file"], str(Path(cache_dir) / kind / "index.json"))
+        except ValueError as exc:
+            raise CacheError(str(exc)) from None
         header = safetensors_header(path)
         for name in SHARD_TENSORS[kind]:
             if name not in header:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from engine.config import CheckpointError, ModelConfig, model_config_from_json
 from engine.fsutil import atomic_write_text, fix_mode
+from engine.safe_load import inside
 
 Layout = Literal["official", "diffusers"]
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -101,7 +102,10 @@ def weight_files(path: str | Path) -> list[Path]:
     if path.is_file():
         if path.name.endswith(".index.json"):
             index = json.loads(path.read_text())
-            return [path.parent / name for name in sorted(set(index["weight_map"].values()))]
+            try:  # shard names read from the file stay inside its directory
+                return [inside(path.parent, name, str(path)) for name in sorted(set(index["weight_map"].values()))]
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: expected a .safetensors file or a *.safetensors.index.json")
         return [path]

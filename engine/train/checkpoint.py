@@ -33,11 +33,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from engine import safe_load
 from engine.config import ConfigError
 from engine.fsutil import atomic_write_text
 from engine.train import dist
@@ -70,8 +72,17 @@ def manifest_file(path: Path, rank: int) -> Path:
 
 def _fault(point: str, step: int) -> None:
     """Fault injection for tests: VIDISTILL_FAULT=<point>:<step> SIGKILLs this process there; the point ``enospc``
-    raises OSError(ENOSPC) instead (a disk that fills up in the middle of a save)."""
-    if os.environ.get("VIDISTILL_FAULT", "") != f"{point}:{step}":
+    raises OSError(ENOSPC) instead (a disk that fills up in the middle of a save). At the start of a step,
+    ``sigterm:<step>`` (or ``sigint:``) has rank 0 send that signal to the job's launcher (torchrun, which forwards it
+    to every worker; a lone process: to itself), and ``sigterm:<step>:<rank>`` sends it to that rank only."""
+    fault = os.environ.get("VIDISTILL_FAULT", "")
+    if point == "step" and fault.startswith(("sigterm:", "sigint:")):
+        kind, at, *rank = fault.split(":")
+        if int(at) == step and dist.rank() == (int(rank[0]) if rank else 0):
+            launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ and not rank else os.getpid()
+            os.kill(launcher, signal.SIGTERM if kind == "sigterm" else signal.SIGINT)
+        return
+    if fault != f"{point}:{step}":
         return
     if point == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "injected by VIDISTILL_FAULT")
@@ -140,7 +151,11 @@ def _read_manifest(path: Path, rank: int) -> dict:
 def _check_files(path: Path, files: dict[str, dict], checksums: bool) -> list[str]:
     problems = []
     for rel, want in sorted(files.items()):
-        f = Path(path) / rel
+        try:  # names read from a manifest stay inside the checkpoint
+            f = safe_load.inside(path, rel, f"the manifest of {path}")
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
         if not f.is_file():
             problems.append(f"{f} is missing")
             continue
@@ -473,7 +488,9 @@ def _torch_load(f: Path):
     if not f.is_file():
         raise TrainCheckpointError(f"{f} is missing")
     try:
-        return torch.load(f, weights_only=True)
+        return safe_load.load(f)  # weights only: a crafted file cannot run code
+    except safe_load.UnsafeFileError as exc:
+        raise TrainCheckpointError(str(exc)) from None
     except Exception as exc:
         raise TrainCheckpointError(f"{f} cannot be read ({exc.__class__.__name__}: {exc})") from None
 
@@ -484,7 +501,10 @@ def load(path: Path, engines: dict) -> tuple[dict, dict]:
     path = Path(path)
     for tag, engine in engines.items():
         try:
-            load_path, _ = engine.load_checkpoint(str(path), tag=tag)
+            with safe_load.deepspeed_loads():  # DeepSpeed's own torch.load calls become weights-only
+                load_path, _ = engine.load_checkpoint(str(path), tag=tag)
+        except safe_load.UnsafeFileError as exc:
+            raise TrainCheckpointError(str(exc)) from None
         except Exception as exc:
             raise TrainCheckpointError(
                 f"cannot load the {tag} engine state from {path / tag} ({exc.__class__.__name__}: {exc})"

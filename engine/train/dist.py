@@ -14,6 +14,9 @@ def init(timeout_minutes: int = 30) -> None:
     with no launcher becomes rank 0 of 1."""
     if dist.is_initialized():
         return
+    from engine.train.signals import die_with_parent
+
+    die_with_parent()  # a worker started by torchrun/deepspeed dies with its launcher
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -25,6 +28,8 @@ def init(timeout_minutes: int = 30) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    if world_size() > 1:
+        host_group()  # collective: created here, in the same order on every rank
 
 
 def rank() -> int:
@@ -61,6 +66,35 @@ def all_true(flag: bool | torch.Tensor, device: torch.device | str = "cpu") -> b
     if dist.is_initialized() and world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
+
+
+def all_max(value: float, device: torch.device | str = "cpu") -> float:
+    """The largest ``value`` over ranks (one small collective)."""
+    t = torch.tensor([float(value)], device=device)
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo group of every rank for control decisions on host values: its collectives never touch a device stream,
+    so they cost no host-device synchronization (only the ranks' hosts meet). The default group when it is gloo."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def host_max(value: int) -> int:
+    """The largest integer ``value`` over ranks, agreed on the hosts (:func:`host_group`): no device sync."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)  # a host tensor on every platform
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return int(t[0])
 
 
 def all_gather(t: torch.Tensor) -> list[torch.Tensor]:

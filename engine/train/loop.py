@@ -14,7 +14,8 @@ role counts its own: a critic that trains fine does not hide a generator that ne
 ``Update.applied`` before it asks the method for the next update, so a method commits state that belongs to an applied
 update only (the regression EMA) after the ``yield``. Non-finite weights are never checkpointed or exported: the run
 stops with :class:`engine.train.guards.NonFiniteWeightsError` and the previous checkpoint stays ``latest``. Metrics
-stay on the device and reach the host at log steps, as means over the window and the ranks.
+stay on the device and reach the host at log steps, as means over the window and the ranks. SIGTERM and SIGINT save a
+checkpoint at the next step boundary on every rank and stop the run (engine/train/signals.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from engine.config import RunConfig
 from engine.train import checkpoint as ckpt
-from engine.train import dist, guards
+from engine.train import dist, guards, signals
 from engine.train.errors import TrainingStopped
 from engine.train.observe import Observer
 from engine.train.timer import PhaseTimer
@@ -240,6 +241,13 @@ class Loop:
         if self.observer:
             self.observer.log_text(msg)
 
+    def _stop_for_signal(self, signum: int, saved: bool) -> None:
+        """Collective: save at this step boundary (unless just saved), then stop every rank (train/signals.py)."""
+        path = self.ckpt_dir / ckpt.step_name(self.step) if saved else self.save()
+        msg = f"{signals.name(signum)} at step {self.step}: saved checkpoint {path}; re-run the same command to resume"
+        self._log(msg)
+        raise signals.Interrupted(msg, signum)
+
     # -- one step --------------------------------------------------------------------------------------------------
 
     def _bad_checks(self, update: Update) -> list[str]:
@@ -351,6 +359,7 @@ class Loop:
         if self.observer:
             self.observer.start(self.step, s.max_steps)
         first_step, last_sampled = self.step, None
+        stop = signals.StopOnSignal().install()  # SIGTERM/SIGINT: save at the next step boundary, then stop
         try:
             while self.step < s.max_steps:
                 ckpt._fault("step", self.step)
@@ -364,11 +373,15 @@ class Loop:
                     self.observer.advance()
                 if self.step % s.log_every == 0 or self.step == s.max_steps:
                     self._log_step(self.step)
-                if self.step % s.every_steps == 0 or self.step == s.max_steps:
+                saved = self.step % s.every_steps == 0 or self.step == s.max_steps
+                if saved:
                     self.save()
+                if signum := stop.requested():  # collective: one 1-element all-reduce per step
+                    self._stop_for_signal(signum, saved)
                 if self.sampler and self.sample_every and self.step % self.sample_every == 0:
                     self._sample()
                     last_sampled = self.step
+            stop.restore(redeliver=True)
             ran = self.step > first_step  # a re-run of a finished job does nothing but report
             if self.sampler and ran and last_sampled != self.step:
                 self._sample()
@@ -376,6 +389,7 @@ class Loop:
                 self._check_weights("export")
                 self.exporter()
         finally:
+            stop.restore()
             if self.observer:
                 self.observer.close()
         summary = {"step": self.step, "start": first_step, "skipped": dict(self.skipped), "rank": dist.rank()}

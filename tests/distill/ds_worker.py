@@ -24,6 +24,9 @@ import torch
 from engine.config import load_config
 from engine.distill.job import World, run_distillation
 from engine.train import dist
+from engine.train.errors import TrainingStopped
+from engine.train.errors import report as report_stop
+from engine.train.signals import die_with_parent
 from engine.worlds.source import Batch, TensorSource
 
 LATENT = (4, 3, 4, 4)  # (C, F, H, W) for the tiny preset (in_dim 4)
@@ -182,7 +185,11 @@ def main():
     cfg = load_config(sys.argv[1], sys.argv[2:])
     run_dir = Path(cfg.logging.run_dir)
     rec = Recorder(run_dir)
-    summary = run_distillation(cfg, make_world, on_step=rec)
+    die_with_parent()  # as launcher/run.py does
+    try:
+        summary = run_distillation(cfg, make_world, on_step=rec)
+    except TrainingStopped as exc:  # as launcher/run.py reports it: one line, the exit status
+        sys.exit(report_stop("ds_worker", exc))
     if dist.is_main():
         report = {
             "summary": summary,

@@ -3,11 +3,13 @@
 Each test launches tests/distill/ds_worker.py under torchrun (a real multi-process job on this CPU).
 """
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +312,70 @@ def test_one_job_per_run_directory(tmp_path, teacher):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"took over the stale lock of {run_dir} (host {host} pid {dead.pid}" in proc.stderr
     assert (run_dir / "checkpoints" / "latest").is_file() and not (run_dir / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "fault,signame,code",
+    [("sigterm:3", "SIGTERM", None), ("sigint:3:1", "SIGINT", 130)],
+    ids=["sigterm-to-torchrun", "sigint-to-rank-1-only"],
+)
+def test_a_signal_saves_at_the_next_step_boundary_and_the_rerun_resumes_exactly(
+    tmp_path, teacher, fault, signame, code
+):
+    """SIGTERM to torchrun (which forwards it to both workers), or SIGINT to rank 1 only (rank 0 never gets one): both
+    ranks save the same step at the next boundary, the job exits non-zero with one line, the re-run retraces the
+    uninterrupted run exactly."""
+    straight_proc, straight = launch(tmp_path, teacher, "straight", steps=8, every=8)
+    assert straight_proc.returncode == 0, straight_proc.stderr[-3000:]
+    stopped, run = launch(tmp_path, teacher, "stopped", steps=8, every=8, env={"VIDISTILL_FAULT": fault})
+    assert stopped.returncode != 0
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("ds_worker:")]
+    assert len(lines) == 1, stopped.stderr[-3000:]  # rank 0 prints it, once
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step_"))
+    assert 3 < step < 8  # the step boundary after the signal, not the end of the run
+    ckpt_dir = run / "checkpoints" / latest
+    assert lines[0] == (
+        f"ds_worker: stopped: {signame} at step {step}: saved checkpoint {ckpt_dir}; re-run the same command to resume"
+    )
+    assert not [line for line in stopped.stderr.splitlines() if line.startswith("[rank")]  # no worker traceback
+    if code is not None:  # torchrun's failure report (none when torchrun itself was signalled): 128 + the signal
+        assert stopped.stderr.count(f"exitcode  : {code} ") == 2, stopped.stderr[-3000:]
+    manifests = sorted(p.name for p in (ckpt_dir / "manifest").iterdir())
+    assert manifests == ["rank_00000.json", "rank_00001.json"]  # every rank saved its part
+    resumed, _ = launch(tmp_path, teacher, "stopped", steps=8, every=8)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt_dir} at step {step}" in (run / "train.log").read_text()
+    _assert_same_tail(report(straight), report(run), first_step=step + 1)
+    _assert_same_weights(straight, run)
+
+
+def test_a_sigkilled_launcher_leaves_no_worker_running(tmp_path, teacher):
+    import psutil
+
+    run_dir = tmp_path / "orphans"
+    cfg = tmp_path / "orphans.yaml"
+    cfg.write_text(RUN_YAML.format(teacher=teacher, steps=10_000, every=10_000, run_dir=run_dir))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(WORKER), str(cfg)]
+    agent = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    workers = []
+    try:
+        deadline = time.monotonic() + 300
+        while " step 2 " not in _text(run_dir / "train.log"):  # training, well past start-up
+            assert agent.poll() is None and time.monotonic() < deadline, "the job did not start training"
+            time.sleep(0.5)
+        workers = psutil.Process(agent.pid).children(recursive=True)
+        assert len(workers) >= 2
+        agent.kill()
+        agent.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, [p.pid for p in alive]  # without PR_SET_PDEATHSIG they train on alone
+    finally:  # orphans are no longer our children: kill them by pid
+        for p in [*psutil.Process().children(recursive=True), *workers]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+
+
+def _text(path):
+    return path.read_text() if path.is_file() else ""

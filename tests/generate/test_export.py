@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from engine.config import load_config, model_preset
 from engine.generate import load_dit, resolve_model
-from engine.models.checkpoint import diffusers_to_official, iter_tensors, load_weights, save_weights
+from engine.models.checkpoint import CheckpointError, diffusers_to_official, iter_tensors, load_weights, save_weights
 from engine.models.wan import WanModel
 from launcher import export as export_cli
 from launcher import generate as generate_cli
@@ -158,3 +158,36 @@ def test_a_distillation_checks_its_configured_interpolator_before_building(tmp_p
     with pytest.raises(ConfigError, match="`interp.checkpoint`.*8 latent channels"):
         configured_interpolator(load_config(TOY_YAML, [f"interp.checkpoint={save_interp(tmp_path / 'i8', 8)}"]), 16)
     assert cfg.interp.checkpoint  # the toy recipe ships one
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "name", ["zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+)
+def test_a_crafted_pickle_in_a_step_directory_is_refused_by_export_and_generate(tmp_path, zero_run, name, capsys):
+    """zero_to_fp32 (behind export and generate --student <step dir>) unpickles every model- and optim-states file of
+    the step directory: a crafted one is refused in one line naming it, before anything is written, and its code never
+    runs."""
+    from tests.crafted import craft
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000001"
+    shutil.copytree(zero_run / "checkpoints" / "step_00000001", step)
+    shutil.copy(zero_run / "config.yaml", run / "config.yaml")
+    marker, bad = tmp_path / "marker", step / "generator" / name
+    craft(bad, marker)
+    capsys.readouterr()
+    assert export_cli.main(["--checkpoint", str(step), "--out", str(tmp_path / "deploy")]) == 2
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"export: error: {bad}: refused to load"), err
+    assert not (tmp_path / "deploy" / "transformer").exists()
+    # generate --student <step dir> reads it the same way (its CLI prints a CheckpointError as one line)
+    with pytest.raises(CheckpointError) as refused:
+        load_dit(resolve_model(str(step), "--student", load_config(run / "config.yaml")), "cpu", torch.float32)
+    assert str(refused.value).startswith(f"{bad}: refused to load") and "\n" not in str(refused.value)
+    assert not marker.exists()
+
+
+def _lines(stderr: str) -> list[str]:
+    """stderr without zero_to_fp32's progress bar (``Loading checkpoint shards``, a tqdm bar)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("Loading checkpoint shards")]

@@ -273,3 +273,95 @@ def test_step_directories_without_a_marker_are_removed(tmp_path):
     assert ckpt.select(root, "auto", note=notes.append) == real
     assert not (root / "step_00000004").exists()
     assert notes == ["removed step_00000004: it has no COMPLETE marker"]
+
+
+# -- untrusted files ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "unet/mp_rank_00_model_states.pt",
+        "unet/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "trainer/shared.pt",
+        "trainer/rank_00000.pt",
+    ],
+)
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path, rel):
+    """An attacker replaced a file and its manifest entry (so the checksums verify): the resume refuses the file in
+    one line naming it, and the code in it never runs (DeepSpeed's own loads are made weights-only too)."""
+    from tests.crafted import craft
+
+    _train(tmp_path, 2)
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    marker = tmp_path / "marker"
+    craft(step / rel, marker, manifest_root=step)
+    assert ckpt.quick_check(step) == []  # it verifies: only the loading can stop it
+    with pytest.raises(TrainCheckpointError) as err:
+        _train(tmp_path, 4)
+    msg = str(err.value)
+    assert f"{step / rel}: refused to load" in msg and "GLOBAL posix.system" in msg and "\n" not in msg
+    assert not marker.exists()
+
+
+def test_a_manifest_naming_a_file_outside_the_checkpoint_does_not_verify(tmp_path):
+    root = tmp_path / "checkpoints"
+    good, bad = _fake(root, 2), _fake(root, 4)
+    (tmp_path / "outside.pt").write_bytes(b"x")
+    body = json.loads(ckpt.manifest_file(bad, 0).read_text())
+    body["files"]["../../outside.pt"] = {"size": 1, "blake2b": ckpt.file_digest(tmp_path / "outside.pt")}
+    ckpt.manifest_file(bad, 0).write_text(json.dumps(body))
+    assert ckpt.quick_check(bad) == [f"the manifest of {bad}: '../../outside.pt' is not a file inside {bad}"]
+    assert ckpt.find_resume(root, "auto") == good
+
+
+# -- signals -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """The loop leaves SIGTERM/SIGINT ignored once it stops for one (the process is on its way out): put them back."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_sigint_in_a_lone_process_saves_and_the_launcher_prints_one_line(tmp_path, monkeypatch, capsys,
+                                                                        own_signal_handlers):  # fmt: skip
+    """launcher/train_interp.py in this process: SIGINT at step index 2 saves step 3 (not a regular checkpoint step),
+    exits 130 with one line; a second signal (SIGTERM) in the middle of that save changes nothing; the re-run resumes
+    there."""
+    import os
+    import signal
+
+    from launcher import train_interp as cli
+
+    real_write = ckpt._write
+
+    def write_and_get_a_second_signal(partial, step, *args):
+        if step == 3:  # the save for the SIGINT, under way
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write(partial, step, *args)
+
+    monkeypatch.setattr(ckpt, "_write", write_and_get_a_second_signal)
+
+    cfg = _cfg(tmp_path, 6)
+    over = ["model.preset=tiny", "interp.channels=[4,8,8]", "interp.batch_size=4", "interp.steps=6",
+            "checkpoint.every_steps=2", "logging.log_every=1", "logging.progress_bar=false",
+            "logging.tensorboard=false", f"logging.run_dir={cfg.logging.run_dir}"]  # fmt: skip
+    monkeypatch.setenv("VIDISTILL_FAULT", "sigint:2")
+    capsys.readouterr()
+    assert cli.main(["--synthetic", f"{F}x{H}x{W}", "model.in_dim=4", *over]) == 130
+    step3 = tmp_path / "run" / "checkpoints" / "step_00000003"
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [
+        f"train_interp: stopped: SIGINT at step 3: saved checkpoint {step3}; re-run the same command to resume"
+    ]
+    assert ckpt.quick_check(step3) == [] and ckpt._verify_everywhere(step3) == []  # complete and intact
+    monkeypatch.delenv("VIDISTILL_FAULT")
+    monkeypatch.setattr(ckpt, "_write", real_write)
+    assert cli.main(["--synthetic", f"{F}x{H}x{W}", "model.in_dim=4", *over]) == 0
+    assert f"resumed from {step3} at step 3" in _log(tmp_path)

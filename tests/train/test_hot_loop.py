@@ -33,6 +33,7 @@ step) and the first rope-table build: excluded from the per-step bound."""
 HOST_SIDE = {
     ("__int__", "engine/distill/method.py:_rollout_input"): "the exit step drawn from the shared CPU generator",
     ("item", "deepspeed/runtime/zero/stage3.py:step_with_gradscaler"): "torch.optim's step counter (a CPU tensor)",
+    ("__int__", "engine/train/dist.py:host_max"): "the signal check: a host tensor all-reduced over a gloo group",
 }
 """Reads of tensors that live on the host on every platform: no device sync on a GPU."""
 
