@@ -376,7 +376,7 @@ class Loop:
                 saved = self.step % s.every_steps == 0 or self.step == s.max_steps
                 if saved:
                     self.save()
-                if signum := stop.requested():  # collective: one 1-element all-reduce per step
+                if signum := stop.requested():  # collective on the hosts (gloo): one 8-byte all-reduce, no device sync
                     self._stop_for_signal(signum, saved)
                 if self.sampler and self.sample_every and self.step % self.sample_every == 0:
                     self._sample()
