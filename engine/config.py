@@ -186,6 +186,45 @@ class MethodConfig:
 
 
 @dataclass
+class CaptionFilter:
+    """A subset of the toy world's caption space (docs/toy-world.md#domains): a clip matches when every non-empty
+    field lists its value; all fields empty match the whole world."""
+
+    kinds: list[str] = field(default_factory=list)
+    """Background kinds (background = solid colour, gradient, texture)."""
+    backgrounds: list[str] = field(default_factory=list)
+    """Background colours (gray, sand, slate, moss, plum)."""
+    colours: list[str] = field(default_factory=list)
+    """Object colours: a clip matches when one of its objects has one of them."""
+    shapes: list[str] = field(default_factory=list)
+    """Object shapes: a clip matches when one of its objects has one of them."""
+    directions: list[str] = field(default_factory=list)
+    """Screen directions of the objects (left, right, up, down, still)."""
+    pans: list[str] = field(default_factory=list)
+    """Camera pans (none, left, right)."""
+
+    def is_empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@dataclass
+class DMDPromptsConfig:
+    """The DMD branch's prompts, separate from the regression pairs (distillation and fine-tuning in one stage,
+    docs/method.md#prompts-and-pairs)."""
+
+    source: Literal["same", "file", "cache", "toy"] = "same"
+    """same: the regression pairs' captions; file: prompts from ``path``, encoded by the world's text encoder; cache:
+    a text cache (``cache_dir``) of a prompt manifest (Wan); toy: the toy train split's captions matching ``filter``."""
+    path: Optional[str] = None
+    """source=file: a text file (one prompt per line, # comments) or .jsonl (rows with `caption` or `prompt`); with
+    source=cache, the file ``launcher/precompute.py --dmd-prompts`` encodes into ``cache_dir``."""
+    cache_dir: Optional[str] = None
+    """source=cache: a text cache of the prompts (text/index.json), written by launcher/precompute.py --dmd-prompts."""
+    filter: CaptionFilter = field(default_factory=CaptionFilter)
+    """source=toy: which captions of the toy world (empty: all of the train split)."""
+
+
+@dataclass
 class DataConfig:
     manifest: Optional[str] = None
     """JSONL/CSV manifest with `path` and `caption` (plus optional metadata)."""
@@ -219,6 +258,10 @@ class DataConfig:
     """Videos with a side under this many pixels are skipped as bad_resolution."""
     max_side: int = 8192
     """Videos with a side over this many pixels are skipped as bad_resolution (absurd sizes)."""
+    filter: CaptionFilter = field(default_factory=CaptionFilter)
+    """Toy world: the regression branch's clips, the train split narrowed to a target domain (empty: all of it)."""
+    dmd_prompts: DMDPromptsConfig = field(default_factory=DMDPromptsConfig)
+    """Where the DMD branch's prompts come from (default: the regression pairs' own captions)."""
 
 
 @dataclass
@@ -904,6 +947,50 @@ def validate(cfg: RunConfig) -> None:
     _validate_optim(cfg.optim)
     _validate_run(cfg)
     _validate_toy(cfg)
+    _validate_sources(cfg)
+
+
+def _validate_filter(f: CaptionFilter, key: str) -> None:
+    from engine.toy.captions import FILTER_VOCABULARY  # the toy world's words; no heavy import
+
+    for name, words in FILTER_VOCABULARY.items():
+        bad = [v for v in getattr(f, name) if v not in words]
+        _require(not bad, f"{key}.{name}", f"unknown {bad}; known: {list(words)}")
+
+
+def _validate_sources(cfg: RunConfig) -> None:
+    """The regression data filter and the DMD prompt source fit the world (some generator loss staying on is
+    checked with the method)."""
+    m, p, toy = cfg.method, cfg.data.dmd_prompts, cfg.vae.kind == "toy"
+    _require(
+        m.dmd.enabled or m.critic_per_generator == 1,
+        "method.critic_per_generator",
+        f"{m.critic_per_generator}, but with method.dmd.enabled=false there is no critic to train between generator "
+        "updates; set 1",
+    )
+    _validate_filter(cfg.data.filter, "data.filter")
+    _validate_filter(p.filter, "data.dmd_prompts.filter")
+    _require(
+        toy or cfg.data.filter.is_empty(), "data.filter",
+        "filters the toy world's clips; in the Wan world give the target domain's manifest or cache as data.*",
+    )  # fmt: skip
+    where = {"path": ("file",), "cache_dir": ("cache",)}  # a cache may name the file it was built from (precompute)
+    for key, sources in where.items():
+        if p.source in sources:
+            _require(bool(getattr(p, key)), f"data.dmd_prompts.{key}", f"is required when source={p.source}")
+        elif not (key == "path" and p.source == "cache"):
+            _require(getattr(p, key) is None, f"data.dmd_prompts.{key}", f"is read only with source={sources[0]}")
+    _require(
+        p.source == "toy" or p.filter.is_empty(),
+        "data.dmd_prompts.filter",
+        "is read only with data.dmd_prompts.source=toy",
+    )
+    _require(toy or p.source != "toy", "data.dmd_prompts.source", "toy: needs the toy world (vae.kind=toy)")
+    _require(
+        not toy or p.source != "cache",
+        "data.dmd_prompts.source",
+        "cache: the toy world has no text cache; use toy or file",
+    )
 
 
 def _validate_toy(cfg: RunConfig) -> None:

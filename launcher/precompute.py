@@ -2,6 +2,7 @@
 
     python -m launcher.precompute --config configs/wan2.1-1.3b-24gpu.yaml data.manifest=m.jsonl data.cache_dir=cache/
     torchrun --nproc_per_node 8 -m launcher.precompute --config ... --kinds latents   # one rank per GPU
+    python -m launcher.precompute --config ... --dmd-prompts    # data.dmd_prompts.path -> data.dmd_prompts.cache_dir
 
 Re-running the same command resumes (finished shards are skipped). The text cache also stores the negative prompt's
 embedding (text/negative.safetensors) for training without the text encoder; a cache made before that gets it from
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="prompts or clips encoded at once")
     parser.add_argument("--device", default=None, help="default: cuda:<LOCAL_RANK> when CUDA is present, else cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--dmd-prompts",
+        action="store_true",
+        help="encode data.dmd_prompts.path into the text cache data.dmd_prompts.cache_dir instead (--kinds ignored)",
+    )
     console.add_verbose_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.cache_dir=cache/")
     args = parser.parse_intermixed_args(argv)
@@ -41,22 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import ConfigError, load_config
     from engine.data.cache import CacheError
     from engine.data.skips import AllSamplesBadError
-    from engine.worlds.precompute import run_precompute, select_device
+    from engine.worlds.precompute import run_precompute, run_prompt_precompute, select_device
 
     try:
         device = str(select_device(args.device))  # cuda:<LOCAL_RANK>: run_precompute makes it the current device
         cfg = load_config(args.config, args.overrides)
-        done = run_precompute(
-            cfg,
-            kinds=args.kinds,
-            rank=args.rank,
-            world_size=args.world_size,
-            text_shard_size=args.text_shard_size,
-            latent_shard_size=args.latent_shard_size,
-            batch_size=args.batch_size,
-            device=device,
-            progress=not args.no_progress,
-        )
+        common = dict(rank=args.rank, world_size=args.world_size, batch_size=args.batch_size, device=device)
+        if args.dmd_prompts:
+            done = run_prompt_precompute(cfg, **common, shard_size=args.text_shard_size, progress=not args.no_progress)
+        else:
+            done = run_precompute(
+                cfg,
+                kinds=args.kinds,
+                text_shard_size=args.text_shard_size,
+                latent_shard_size=args.latent_shard_size,
+                progress=not args.no_progress,
+                **common,
+            )
     except ConfigError as exc:
         print(f"precompute: error: {exc}", file=sys.stderr)
         return 2

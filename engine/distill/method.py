@@ -71,6 +71,8 @@ class DMDMethod:
             yield update
             if update.applied and pending is not None:  # a skipped update leaves the regression EMA as it was
                 self.regression.commit(pending)
+        if not self.cfg.method.dmd.enabled:  # the critic serves the DMD term only (a regression-only fine-tune)
+            return
         loss, metrics = self.critic_loss(batch, self.rng, self.shared)
         yield Update("critic", loss, metrics)
 

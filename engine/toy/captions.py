@@ -154,3 +154,31 @@ def parse_caption(text: str) -> dict[str, Any]:
         "kind": kind,
         "pan": pan or "none",
     }
+
+
+FILTER_VOCABULARY: dict[str, tuple[str, ...]] = {
+    "kinds": BACKGROUND_KINDS,
+    "backgrounds": tuple(BACKGROUND_COLOURS),
+    "colours": tuple(OBJECT_COLOURS),
+    "shapes": SHAPES,
+    "directions": DIRECTIONS,
+    "pans": PANS,
+}
+"""The words each field of a caption filter (``engine.config.CaptionFilter``) may list."""
+
+
+def matches(fields: dict[str, Any], f: Any) -> bool:
+    """Whether captioned fields (:func:`caption_fields` of a clip, or :func:`parse_caption` of a caption) fall in the
+    subset a ``CaptionFilter`` names: every non-empty field of ``f`` lists the clip's value (for colours and shapes:
+    the value of one of its objects)."""
+    colours = {c for c, _ in fields["objects"]}
+    shapes = {s for _, s in fields["objects"]}
+    checks = (
+        (f.kinds, {fields["kind"]}),
+        (f.backgrounds, {fields["background"]}),
+        (f.colours, colours),
+        (f.shapes, shapes),
+        (f.directions, {fields["direction"]}),
+        (f.pans, {fields["pan"]}),
+    )
+    return all(not want or bool(set(want) & have) for want, have in checks)

@@ -65,7 +65,8 @@ class World:
     """(1, L, D) embedding of the negative prompt (CFG); see :meth:`unconditional`."""
     negative_prompt: str = ""
     source: Any = None
-    """This rank's training batches (``engine.worlds.source.TrainSource``); built when asked for."""
+    """This rank's training batches (``engine.worlds.source.TrainSource``); built when asked for. With DMD prompts of
+    their own (``data.dmd_prompts``) a ``SplitSource`` of the regression pairs' source and the prompt stream."""
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts of the sample videos written during training, and their (N, L, D) embeddings."""
     sample_context: torch.Tensor | None = None

@@ -26,8 +26,9 @@ from engine.data.cache import (
     write_index,
     write_negative,
 )
-from engine.data.manifest import load_manifest
+from engine.data.manifest import ManifestEntry, load_manifest
 from engine.worlds import build_world, kind_of
+from engine.worlds.prompts import read_prompt_file
 from engine.worlds.wan import _need_path
 
 logger = logging.getLogger("engine.data")
@@ -187,3 +188,37 @@ def run_precompute(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return done
+
+
+def run_prompt_precompute(
+    cfg: Any,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    shard_size: int = 256,
+    batch_size: int = 4,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, bool]:
+    """The text cache of the DMD prompts (``data.dmd_prompts.path`` into ``data.dmd_prompts.cache_dir``), in the
+    layout of a manifest's text cache, for ``data.dmd_prompts.source=cache``; returns {"text": index done}."""
+    p = cfg.data.dmd_prompts
+    for key in ("path", "cache_dir"):
+        if not getattr(p, key):
+            raise ConfigError(
+                f"config key `data.dmd_prompts.{key}`: required (--dmd-prompts encodes data.dmd_prompts.path into "
+                "data.dmd_prompts.cache_dir)"
+            )
+    entries = [ManifestEntry(i, "", prompt) for i, prompt in enumerate(read_prompt_file(p.path))]
+    te = cfg.text_encoder
+    fingerprint = {
+        "manifest": os.path.abspath(p.path),
+        "num_entries": len(entries),
+        "model": os.path.abspath(te.path or ""),
+        "max_length": te.max_length,
+        "shard_size": shard_size,
+    }
+    encoder = build_world(cfg, device).load_text()
+    sharding = dict(shard_size=shard_size, batch_size=batch_size, rank=rank, world_size=world_size)
+    precompute_text(entries, encoder, p.cache_dir, fingerprint=fingerprint, progress=progress, **sharding)
+    return {"text": _try_index(p.cache_dir, "text", len(entries), shard_size)}

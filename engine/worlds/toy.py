@@ -1,5 +1,7 @@
 """The toy world: procedural clips (engine/toy), the toy codec and the toy text encoder, all cheap enough to build on
-every rank; the training source holds the train split in memory."""
+every rank; the training source holds the train split in memory. ``data.filter`` narrows the regression pairs to a
+target domain of it; ``data.dmd_prompts`` gives the DMD branch prompts of their own (the train split's captions,
+filtered, or a file of toy captions), drawn in a second stream (docs/toy-world.md#domains)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,16 @@ from collections.abc import Callable
 import torch
 
 from engine.config import ConfigError, RunConfig
+from engine.toy.captions import caption_fields, matches, parse_caption
 from engine.toy.data import toy_tensors
 from engine.toy.evaluate import reference_for
 from engine.toy.metrics import compute_metrics
 from engine.toy.parts import toy_parts
+from engine.toy.render import sample_params
 from engine.train import dist
 from engine.worlds.base import VIEW_SCALE, World, world_latent_shape
-from engine.worlds.source import TensorSource
+from engine.worlds.prompts import TensorPrompts, check_prompt_count, prompt_seed, read_prompt_file
+from engine.worlds.source import SplitSource, TensorSource
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -39,6 +44,45 @@ def check_toy_training(cfg: RunConfig, world_size: int) -> None:
         f"{cfg.optim.micro_batch_size} is more than the {per_rank} toy training clips per rank ({n_train} clips over "
         f"{world_size} ranks; raise toy.num_clips or lower the batch)",
     )
+    p = cfg.data.dmd_prompts
+    subsets = [("data.filter", cfg.data.filter)] + (
+        [("data.dmd_prompts.filter", p.filter)] if p.source == "toy" else []
+    )
+    for key, f in subsets:  # the clips' parameters are pure functions of toy.seed: counted before any rendering
+        if not f.is_empty():
+            n = sum(matches(caption_fields(sample_params(cfg.toy, i)), f) for i in range(n_train))
+            check_prompt_count(n, cfg.optim.micro_batch_size, world_size, "matching toy training clips", key)
+
+
+def _subset(params: list, f) -> torch.Tensor | None:
+    """Indices of the clips whose captioned fields match a filter (None: the filter is empty, keep all)."""
+    if f.is_empty():
+        return None
+    return torch.tensor([i for i, q in enumerate(params) if matches(caption_fields(q), f)], dtype=torch.long)
+
+
+def _dmd_prompts(cfg: RunConfig, train, text, device):
+    """The DMD branch's own prompt stream (data.dmd_prompts.source toy or file), or None for the pairs' captions."""
+    p = cfg.data.dmd_prompts
+    if p.source == "same":
+        return None
+    if p.source == "toy":
+        keep = _subset(train.params, p.filter)
+        context = train.context if keep is None else train.context[keep]
+    else:
+        prompts = read_prompt_file(p.path)
+        for n, prompt in enumerate(prompts, 1):
+            try:
+                parse_caption(prompt)
+            except ValueError as exc:
+                raise ConfigError(f"config key `data.dmd_prompts.path`: {p.path} prompt {n}: {exc}") from exc
+        check_prompt_count(
+            len(prompts), cfg.optim.micro_batch_size, dist.world_size(), "prompts", "data.dmd_prompts.path"
+        )
+        context = text.encode(prompts)[0]
+    rank, ws = dist.rank(), dist.world_size()
+    seed = prompt_seed(cfg.train.seed)
+    return TensorPrompts(context, cfg.optim.micro_batch_size, rank=rank, world_size=ws, seed=seed, device=device)
 
 
 def toy_scorer(cfg: RunConfig, prompts: list[str], val) -> Callable[[torch.Tensor], dict[str, float]] | None:
@@ -77,10 +121,17 @@ def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: b
                 f"config key `toy`: the toy dataset's latents are {tuple(train.latents.shape[1:])}, the world expects "
                 f"{world.latent_shape}"
             )
+        keep = _subset(train.params, cfg.data.filter)  # the regression branch's target domain
+        latents, context = (
+            (train.latents, train.context) if keep is None else (train.latents[keep], train.context[keep])
+        )
         world.source = TensorSource(
-            train.latents, train.context, cfg.optim.micro_batch_size,
+            latents, context, cfg.optim.micro_batch_size,
             rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed, device=device,
         )  # fmt: skip
+        prompts = _dmd_prompts(cfg, train, parts.text, device)
+        if prompts is not None:
+            world.source = SplitSource(world.source, prompts)
         world.sample_prompts = list(cfg.logging.sample_prompts) or val.captions[: cfg.logging.sample_count]
         world.sample_context = parts.text.encode(world.sample_prompts)[0]
         world.sample_scorer = toy_scorer(cfg, world.sample_prompts, val)

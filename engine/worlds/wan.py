@@ -2,10 +2,13 @@
 VAE latents and umT5 embeddings (precomputed caches or encoded online), the negative prompt for CFG, and the prompts
 of the sample videos.
 
-DMD prompts come from the same draw as the regression pair. Algorithm 1 writes ``c ~ D`` and ``(c_y, y) ~ D``; one
-draw serves both because each branch still sees captions distributed as the data. A second draw would, online, decode
-and VAE-encode clips only to throw their latents away (the costliest part of the data path), and would give the
-resume state two positions. The price: a step conditions on B distinct captions instead of 2B.
+By default (``data.dmd_prompts.source=same``) DMD prompts come from the same draw as the regression pair. Algorithm 1
+writes ``c ~ D`` and ``(c_y, y) ~ D``; one draw serves both because each branch still sees captions distributed as the
+data. A second draw from the data would, online, decode and VAE-encode clips only to throw their latents away (the
+costliest part of the data path). The price: a step conditions on B distinct captions instead of 2B. With
+``data.dmd_prompts.source=file`` (umT5 encodes B prompts of a prompt file per step) or ``cache`` (a text cache of a
+prompt manifest) the DMD branch has a prompt set of its own: broad prompts for distillation while ``data.*`` holds the
+target domain's clips for the regression branch (docs/method.md#prompts-and-pairs); both positions are resumed.
 
 Sample prompts: ``logging.sample_prompts`` when set, encoded once at start (by the online encoder; from a cache, by
 umT5 loaded for that and freed, so they need ``text_encoder.path``); otherwise the first captions of the data (their
@@ -26,7 +29,8 @@ from engine.data.cache import CacheError, negative_path, read_index, read_negati
 from engine.data.source import CacheDataset, build_source
 from engine.train import dist
 from engine.worlds.base import VIEW_SCALE, World, latent_shape, world_latent_shape
-from engine.worlds.source import Batch
+from engine.worlds.prompts import CachedPrompts, EncodedPrompts, check_prompt_count, prompt_seed, read_prompt_file
+from engine.worlds.source import Batch, SplitSource
 
 log = logging.getLogger("vidistill.train")
 PRECOMPUTE = "python -m launcher.precompute --config <this config>"
@@ -103,8 +107,50 @@ def _check_cache(cfg: RunConfig) -> None:
         )
 
 
+def _check_prompt_cache(cfg: RunConfig, world_size: int) -> None:
+    """A DMD prompt text cache: indexed, every shard whole, built with this max_length and embedding width."""
+    p, te = cfg.data.dmd_prompts, cfg.text_encoder
+    key = "data.dmd_prompts.cache_dir"
+    _need_path(p.cache_dir, key, "the DMD prompts' text cache")
+    index = read_index(p.cache_dir, "text")
+    if index is None:
+        raise ConfigError(
+            f"config key `{key}`: {Path(p.cache_dir) / 'text' / 'index.json'} not found: run `{PRECOMPUTE} "
+            "--dmd-prompts` first (it encodes data.dmd_prompts.path into data.dmd_prompts.cache_dir; a re-run resumes)"
+        )
+    try:
+        verify_shards(p.cache_dir, "text", index)
+    except CacheError as exc:
+        raise ConfigError(f"config key `{key}`: {exc}") from exc
+    built = index.get("max_length")
+    if built is not None and int(built) != te.max_length:
+        raise ConfigError(
+            f"config key `{key}`: built with text_encoder.max_length={built}, this run has {te.max_length}"
+        )
+    shard = next(s for s in index["shards"] if s["index"])
+    with safe_open(str(Path(p.cache_dir) / "text" / shard["file"]), "pt") as f:
+        dim = f.get_slice("emb").get_shape()[-1]
+    if dim != cfg.model.text_dim:
+        raise ConfigError(
+            f"config key `{key}`: its embeddings have {dim} channels, model.text_dim is {cfg.model.text_dim}"
+        )
+    check_prompt_count(sum(len(s["index"]) for s in index["shards"]), cfg.optim.micro_batch_size, world_size,
+                       "cached prompts", key)  # fmt: skip
+
+
+def _check_dmd_prompts(cfg: RunConfig) -> None:
+    p = cfg.data.dmd_prompts
+    if p.source == "file":
+        _need_path(cfg.text_encoder.path, "text_encoder.path", "umT5 encodes data.dmd_prompts.path's prompts each step")
+        n = len(read_prompt_file(p.path))
+        check_prompt_count(n, cfg.optim.micro_batch_size, dist.world_size(), "prompts", "data.dmd_prompts.path")
+    elif p.source == "cache":
+        _check_prompt_cache(cfg, dist.world_size())
+
+
 def check_wan_config(cfg: RunConfig) -> None:
     """Raise ConfigError naming the key when the Wan world cannot be built (paths, caches), before loading anything."""
+    _check_dmd_prompts(cfg)
     if cfg.data.source == "online":
         _need_path(cfg.data.manifest, "data.manifest", "data.source=online decodes the videos it lists")
         _need_path(cfg.vae.path, "vae.path", "data.source=online encodes videos with the Wan VAE")
@@ -166,6 +212,10 @@ class StreamSource:
             raise ValueError(f"{self.kind} latents have shape {tuple(latents.shape[1:])}, the job expects {self.shape}")
         text = item["text_emb"].to(self.device, non_blocking=True)  # (B, L, D)
         return Batch(prompts=text, real_latents=latents, real_context=text)
+
+    def next_pairs(self) -> Batch:
+        """The same single draw (a :class:`~engine.worlds.source.SplitSource` replaces its prompts)."""
+        return self.next_batch()
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "stream": self.stream.state_dict()}
@@ -258,6 +308,19 @@ def _online(cfg: RunConfig, world: World) -> None:
     world.sample_prompts, world.sample_context = prompts, encoder.encode(prompts)[0]
 
 
+def _dmd_prompts(cfg: RunConfig, world: World):
+    """The DMD branch's own prompt stream (data.dmd_prompts.source file or cache), or None for the pairs' captions."""
+    p = cfg.data.dmd_prompts
+    if p.source == "same":
+        return None
+    shard = dict(rank=dist.rank(), world_size=dist.world_size(), seed=prompt_seed(cfg.train.seed))
+    if p.source == "file":  # umT5 is loaded on first use: already there online, loaded for this in a cache run
+        prompts = read_prompt_file(p.path)
+        return EncodedPrompts(prompts, world.encode_text, cfg.optim.micro_batch_size, **shard, device=world.device)
+    dataset = CacheDataset(p.cache_dir, kinds=("text",), batch_size=cfg.optim.micro_batch_size, **shard)
+    return CachedPrompts(dataset, world.device)
+
+
 def wan_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: bool = False) -> World:
     """The Wan world; ``training`` checks the data config first, then builds this rank's source, the negative prompt
     and the sample prompts (before any model is built)."""
@@ -273,4 +336,7 @@ def wan_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: b
     if training:
         check_wan_config(cfg)
         (_from_cache if cfg.data.source == "cache" else _online)(cfg, world)
+        prompts = _dmd_prompts(cfg, world)
+        if prompts is not None:
+            world.source = SplitSource(world.source, prompts)
     return world

@@ -27,6 +27,7 @@ from engine.data.vae import WanVAE
 from engine.distill.samples import sample_name, world_sampler
 from engine.models.checkpoint import load_weights, save_weights
 from engine.models.wan import WanModel
+from engine.worlds.source import SplitSource
 from engine.worlds.wan import StreamSource, check_wan_config, wan_world
 from launcher import precompute as precompute_cli
 from tests.data.clips import write_clip
@@ -313,3 +314,104 @@ def test_rerunning_the_command_resumes_the_same_stream(parts, cache_run, tmp_pat
     # step 2 reads the second batch of each rank's stream: the same losses as the uninterrupted run
     assert logged_losses(run_dir, 2) == logged_losses(straight, 2)
     assert logged_losses(run_dir, 1) == logged_losses(straight, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DMD prompts of their own (distillation and fine-tuning in one stage): a prompt file or a prompt text cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+BROAD = [SENTENCES[4], SENTENCES[5], "a dog sits on the table", "the cat runs on the sand", "a red cat at sunset"]
+
+
+@pytest.fixture(scope="module")
+def prompt_sets(parts):
+    """A prompt file of captions the data does not have, and its text cache through launcher/precompute.py."""
+    path = parts.root / "broad.txt"
+    path.write_text("# broad prompts\n" + "\n".join(BROAD) + "\n")
+    cache = parts.root / "broad-cache"
+    argv = ["--config", str(parts.yaml), "--no-progress", "--device", "cpu", "--dmd-prompts", "--batch-size", "2",
+            "--text-shard-size", "2", "data.dmd_prompts.source=cache", f"data.dmd_prompts.path={path}",
+            f"data.dmd_prompts.cache_dir={cache}"]  # fmt: skip
+    assert precompute_cli.main(argv) == 0
+    return SimpleNamespace(path=path, cache=cache)
+
+
+def dmd_overrides(prompt_sets, prompts):
+    if prompts == "file":
+        return ["data.dmd_prompts.source=file", f"data.dmd_prompts.path={prompt_sets.path}"]
+    return ["data.dmd_prompts.source=cache", f"data.dmd_prompts.cache_dir={prompt_sets.cache}"]
+
+
+@pytest.mark.parametrize("prompts", ["file", "cache"])
+@pytest.mark.parametrize("kind", ["cache", "online"])
+def test_dmd_prompts_come_from_the_prompt_set_and_pairs_from_the_data(parts, prompt_sets, kind, prompts, tmp_path):
+    encoder = UMT5TextEncoder.from_pretrained(parts.models, max_length=8, negative_prompt=NEGATIVE)
+    ref = {"broad": encoder.encode(BROAD)[0], "data": encoder.encode(SENTENCES[:NUM_CLIPS])[0]}
+    tol = 2e-2  # text caches store bf16 (the data's in a cache run, the prompts' with source=cache)
+
+    def which(row):  # the index of the one prompt of a set whose embedding this row is, else None
+        hits = {s: [i for i, e in enumerate(ref[s]) if torch.allclose(row, e, rtol=tol, atol=tol)] for s in ref}
+        assert len(hits["broad"]) + len(hits["data"]) == 1, hits
+        return ("broad", hits["broad"][0]) if hits["broad"] else ("data", hits["data"][0])
+
+    cfg = config(parts, f"data.source={kind}", *dmd_overrides(prompt_sets, prompts), run_dir=tmp_path)
+    plain = wan_world(config(parts, f"data.source={kind}", run_dir=tmp_path), torch.device("cpu"), training=True)
+    source = wan_world(cfg, torch.device("cpu"), training=True).source
+    assert isinstance(source, SplitSource)
+    batches = [source.next_batch() for _ in range(10)]  # two epochs of the 5 prompts, 2.5 of the 4 clips
+    want = [plain.source.next_batch() for _ in range(10)]
+    for b, w in zip(batches, want):  # the pairs are the data's, in the same order as without a prompt set
+        assert torch.equal(b.real_latents, w.real_latents) and torch.equal(b.real_context, w.real_context)
+        assert which(b.real_context[0])[0] == "data" and which(b.prompts[0])[0] == "broad"
+    order = [which(b.prompts[0])[1] for b in batches]
+    assert sorted(order[:5]) == sorted(order[5:]) == list(range(5))  # each epoch: every prompt once, shuffled
+    assert order[:5] != order[5:]
+    state = json.loads(json.dumps(source.state_dict()))
+    tail = [source.next_batch() for _ in range(4)]
+    source.close()
+    resumed = wan_world(cfg, torch.device("cpu"), training=True).source
+    resumed.next_batch()  # a running stream must give way to the loaded position
+    resumed.load_state_dict(state)
+    for w, g in zip(tail, [resumed.next_batch() for _ in range(4)]):
+        assert torch.equal(w.prompts, g.prompts) and torch.equal(w.real_latents, g.real_latents)
+    resumed.close()
+    plain.source.close()
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["text_encoder.path=null", "data.dmd_prompts.source=file", "data.dmd_prompts.path={path}"],
+         "text_encoder.path"),
+        (["data.dmd_prompts.source=file", "data.dmd_prompts.path=/nonexistent/prompts.txt"], "data.dmd_prompts.path"),
+        (["optim.micro_batch_size=6", "data.dmd_prompts.source=file", "data.dmd_prompts.path={path}"],
+         "data.dmd_prompts.path"),  # 5 prompts cannot fill a micro-batch of 6
+        (["data.dmd_prompts.source=cache", "data.dmd_prompts.cache_dir={root}"], "data.dmd_prompts.cache_dir"),
+        (["data.dmd_prompts.source=cache", "data.dmd_prompts.cache_dir=/nonexistent"], "data.dmd_prompts.cache_dir"),
+        (["data.dmd_prompts.source=toy"], "data.dmd_prompts.source"),
+        (["data.filter.kinds=[texture]"], "data.filter"),
+    ],
+)  # fmt: skip
+def test_dmd_prompt_config_errors_name_the_key(parts, prompt_sets, overrides, key):
+    subs = {"path": prompt_sets.path, "root": parts.root}
+    with pytest.raises(ConfigError, match=f"`{key}`"):
+        check_wan_config(config(parts, *(o.format(**subs) for o in overrides)))
+
+
+def test_a_prompt_cache_of_another_max_length_is_refused(parts, prompt_sets, tmp_path):
+    cache = tmp_path / "short"
+    argv = ["--config", str(parts.yaml), "--no-progress", "--device", "cpu", "--dmd-prompts",
+            "text_encoder.max_length=6", "data.dmd_prompts.source=cache", f"data.dmd_prompts.path={prompt_sets.path}",
+            f"data.dmd_prompts.cache_dir={cache}"]  # fmt: skip
+    assert precompute_cli.main(argv) == 0
+    with pytest.raises(ConfigError, match="`data.dmd_prompts.cache_dir`: built with text_encoder.max_length=6"):
+        check_wan_config(config(parts, "data.dmd_prompts.source=cache", f"data.dmd_prompts.cache_dir={cache}"))
+
+
+@pytest.mark.distributed
+def test_distill_with_a_prompt_file_through_the_launcher(parts, prompt_sets, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(parts, run_dir, "train.max_steps=1", *dmd_overrides(prompt_sets, "file"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished at step 1" in proc.stdout
+    _check_export_trained(run_dir, parts.teacher)
