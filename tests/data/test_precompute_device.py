@@ -63,8 +63,10 @@ def test_precompute_rank_binds_its_gpu_and_dali_decodes_there(tmp_path, vp9_entr
     monkeypatch.setattr(pre, "_try_index", lambda *a: True)
     monkeypatch.setenv("LOCAL_RANK", "2")
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"path": e.path, "caption": e.caption} for e in vp9_entries])
+    (tmp_path / "vae").mkdir()  # precompute checks the VAE path exists before building anything (never loaded here)
     argv = ["--no-progress", f"data.manifest={manifest}", f"data.cache_dir={tmp_path / 'c'}", "data.reader=auto",
-            "data.num_frames=9", "data.height=16", "data.width=16", "--kinds", "latents"]  # fmt: skip
+            "data.num_frames=9", "data.height=16", "data.width=16", f"vae.path={tmp_path / 'vae'}",
+            "--kinds", "latents"]  # fmt: skip
     assert precompute_cli.main(argv) == 0
     assert fake_cuda == [torch.device("cuda", 2)]  # the current device, before anything is built
     assert seen["world_device"] == "cuda:2"
