@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="CPU ranks of each distillation run")
     p.add_argument("--eval-clips", type=int, default=100, help="held-out prompts scored per seed")
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (default: all)")
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing: score the finished runs, write a partial report"
+    )
     console.add_verbose_flag(p)
     p.add_argument("overrides", nargs="*", help="key=value overrides of --config for every training run")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     abl = Ablation(Path(args.config), Path(args.out), args.seeds, overrides, args.nproc, args.eval_clips)
     if args.variants:
         abl.variants = tuple(args.variants)
+    abl.report_only = args.report_only
     records = abl.run()
     from engine.toy.ablation_report import write_results
     from engine.toy.data import toy_tensors

@@ -223,6 +223,8 @@ class Ablation:
     nproc: int = 2
     n: int = 100
     variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)
+    report_only: bool = False
+    """Train nothing: score the runs that finished, report the others as not run yet (a set still training)."""
 
     def cfg(self) -> RunConfig:
         return load_config(self.config, self.overrides)
@@ -249,8 +251,14 @@ class Ablation:
         for k, (name, seed) in enumerate(plan, 1):
             rdir = run_dir(self.out, name, seed)
             run_cfg = load_config(self.config, train_overrides(BY_NAME[name], seed, rdir, self.overrides))
-            state = "reusing" if _finished(run_cfg) else "training"
-            progress(f"{k}/{len(plan)} {state} {name} seed {seed} ({rdir}/job.log)")
+            done = _finished(run_cfg)
+            if self.report_only:
+                rec = RunRecord(name, seed, "ok" if done else "missing", str(rdir), str(rdir / "job.log"))
+                rec.train_seconds = float(_read_status(rdir).get("train_seconds", 0.0))
+                rec.detail = "" if done else "not trained yet"
+                trained[(name, seed)] = rec
+                continue
+            progress(f"{k}/{len(plan)} {'reusing' if done else 'training'} {name} seed {seed} ({rdir}/job.log)")
             rec = train(self.config, BY_NAME[name], seed, self.out, self.overrides, self.nproc)
             trained[(name, seed)] = rec
             if rec.status != "ok":
@@ -273,7 +281,8 @@ class Ablation:
                 rec = RunRecord(name, seed, "ok", str(rdir), base.log if base else "")
                 rec.train_seconds = base.train_seconds if base and v.trains is None else 0.0
                 if base is not None and base.status != "ok":
-                    rec.status, rec.detail = "failed", f"training failed: {base.detail}"
+                    rec.status = base.status
+                    rec.detail = f"training failed: {base.detail}" if base.status == "failed" else base.detail
                     records.append(rec)
                     continue
                 rec.metrics, rec.score_seconds = score(cfg, v, weights, es, parts, seed, rdir)

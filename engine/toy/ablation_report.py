@@ -109,7 +109,8 @@ def write_results(
     verdicts = [verdict(c, table) for c in CLAIMS]
     curves = plot_curves(out, seeds, results / "ablation_curves.png")
     grid = plot_frames(out, seeds[0], [v for v in variants if v in abl], codec, results / "ablation_frames.png")
-    failed = [r for r in records if r.status != "ok"]
+    failed = [r for r in records if r.status == "failed"]
+    missing = [r for r in records if r.status == "missing"]
     train_min = sum(r.train_seconds for r in records) / 60
     score_min = sum(r.score_seconds for r in records) / 60
     body = [
@@ -127,6 +128,14 @@ def write_results(
         results_table(abl, real_rows, variants),
         "",
     ]
+    if missing:
+        body += [
+            f"**Partial results**: {len(missing)} of {len(records)} (variant, seed) entries are not trained yet "
+            "(the set is still running; re-run the command to finish it). Not yet in the table: "
+            + ", ".join(f"{r.variant} seed {r.seed}" for r in missing)
+            + ".",
+            "",
+        ]
     if failed:
         body += ["Failed runs, left out of every mean:", ""]
         body += [f"- {r.variant} seed {r.seed}: {r.detail}; log `{r.log}`" for r in failed]

@@ -148,3 +148,18 @@ def test_the_command_refuses_bad_input_before_anything_runs(tmp_path):
     # the DMD variant with its only remaining loss switched off: no generator loss at all
     assert main([*out, "method.dmd.enabled=false"]) == 2
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_only_trains_nothing_and_scores_only_finished_runs(monkeypatch, tmp_path):
+    scored = []
+    monkeypatch.setattr(ab, "train", lambda *a, **k: pytest.fail("a report-only set must not train"))
+    done = {str(tmp_path / "dmd" / "seed0"), str(tmp_path / "dmd_tr_adareg" / "seed0")}
+    monkeypatch.setattr(ab, "_finished", lambda cfg: cfg.logging.run_dir in done)
+    _fake_world(monkeypatch, scored)
+    abl = ab.Ablation(ROOT / "configs" / "toy.yaml", tmp_path, [0, 1], report_only=True)
+    by = {(r.variant, r.seed): r for r in abl.run(progress=lambda msg: None)}
+    assert by[("dmd", 0)].status == "ok" and by[("full_vif", 0)].status == "ok"
+    assert by[("dmd", 1)].status == "missing" and by[("full_vif", 1)].status == "missing"
+    assert by[("dmd_tr", 0)].detail == "not trained yet"
+    assert {(v, s) for v, s, _ in scored} == {("teacher", 0), ("teacher", 1), ("dmd", 0), ("dmd_tr_adareg", 0),
+                                              ("full_vif", 0)}  # fmt: skip
