@@ -25,6 +25,7 @@ from engine.models.checkpoint import (
 )
 from engine.models.wan import WanModel
 from engine.train import dist
+from engine.train.warmup import linear_warmup
 
 RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len")
 
@@ -119,11 +120,12 @@ def build_roles(cfg: RunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> R
     critic = _construct(model_cfg, ds_cfg, dtype)
     load_into([teacher, generator, critic], cfg.model.checkpoint)
     teacher.requires_grad_(False).eval()
+    warmup = linear_warmup(cfg.optim.warmup_steps)  # each role's own updates; None: constant rate
     gen_engine, *_ = deepspeed.initialize(
-        model=generator, optimizer=_adamw(generator, cfg, cfg.optim.lr), config=ds_cfg
+        model=generator, optimizer=_adamw(generator, cfg, cfg.optim.lr), config=ds_cfg, lr_scheduler=warmup
     )
     critic_engine, *_ = deepspeed.initialize(
-        model=critic, optimizer=_adamw(critic, cfg, cfg.optim.critic_lr), config=ds_cfg
+        model=critic, optimizer=_adamw(critic, cfg, cfg.optim.critic_lr), config=ds_cfg, lr_scheduler=warmup
     )
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=ds_cfg)
     return Roles(teacher_engine, gen_engine, critic_engine, model_cfg)

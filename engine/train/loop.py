@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import torch
 
 from engine.config import RunConfig
+from engine.train import accum, dist, guards
 from engine.train import checkpoint as ckpt
-from engine.train import dist, guards
 from engine.train.errors import TrainingStopped
 from engine.train.observe import Observer
 from engine.train.timer import PhaseTimer
@@ -50,7 +50,13 @@ class Update:
     """Named parts of the loss (device bool scalars: finite on this rank), read only when the loss is not finite, to
     say which part was not (e.g. the teacher's or the critic's score)."""
     applied: bool | None = None
-    """Set by the loop before the method resumes: whether this update reached the weights."""
+    """Set by the loop before the method resumes: whether this update reached the weights (known at the last
+    micro-batch; None before it)."""
+    micro: int = 0
+    """Index of this micro-batch within its optimizer update (gradient accumulation, docs/method.md)."""
+    micros: int = 1
+    """Micro-batches of the update (the engine's gradient_accumulation_steps): the loop runs backward on each and
+    decides the non-finite skip once, at the last, for the whole update."""
 
 
 class Method(Protocol):
@@ -176,6 +182,8 @@ class Loop:
         self.resumed_from: Path | None = None
         self.observer = Observer(settings, method) if dist.is_main() else None
         self.window = _Window()
+        self._finite: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # role -> its micro-batches' flags
+        self._micro = accum.MicroMetrics()
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -262,11 +270,36 @@ class Loop:
                 f"(train.max_nonfinite_in_a_row={self.s.max_nonfinite_in_a_row})"
             )
 
-    def _apply(self, update: Update) -> bool:
-        """backward + step when the loss is finite on every rank and the gradient norm at the optimizer step too;
-        otherwise skip everywhere (the gradients discarded) and count it."""
+    def _accumulate(self, update: Update) -> None:
+        """A micro-batch before the last of its update: backward + step (DeepSpeed only accumulates), and its loss's
+        finiteness kept on the device for the one decision at the update's last micro-batch (no host sync here)."""
         engine, loss, role = self.method.engines[update.role], update.loss, update.role
-        if not dist.all_true(bool(torch.isfinite(loss).item()), device=loss.device):
+        accum.check_boundary(engine, update, False)
+        finite, checks = self._finite.pop(role) if update.micro else (None, {})
+        ok = torch.isfinite(loss.detach()).reshape(())
+        self._finite[role] = (ok if finite is None else finite & ok, accum.merge_checks(checks, update.checks))
+        with self.method.timer(f"{role}_backward"):
+            engine.backward(loss)
+        engine.step()
+
+    def _apply(self, update: Update) -> bool | None:
+        """backward + step when the loss is finite on every rank and the gradient norm at the optimizer step too;
+        otherwise skip everywhere (the gradients discarded) and count it. With gradient accumulation the micro-batches
+        before the last accumulate (None) and the decision covers every micro-batch of the update."""
+        engine, loss, role = self.method.engines[update.role], update.loss, update.role
+        if update.micro < update.micros - 1:
+            self._accumulate(update)
+            return None
+        accum.check_boundary(engine, update, True)
+        if update.micros > 1:  # the last micro-batch: fold in the flags of the earlier ones
+            finite, checks = self._finite.pop(role)
+            update.checks = accum.merge_checks(checks, update.checks)
+            finite = bool((finite & torch.isfinite(loss.detach()).reshape(())).item())
+        else:
+            finite = bool(torch.isfinite(loss).item())
+        if not dist.all_true(finite, device=loss.device):
+            if update.micros > 1:  # the earlier micro-batches' gradients are in the engine: drop them
+                accum.discard(engine, loss)
             self._skip(role, "loss", self._bad_checks(update))
             return False
         boundary = guards.at_boundary(engine)
@@ -297,6 +330,8 @@ class Loop:
                 norm = self.method.engines[update.role].get_global_grad_norm()
                 if norm is not None:  # DeepSpeed knows it at the accumulation boundary only; a tensor stays put
                     update.metrics[f"grad_norm_{update.role}"] = torch.as_tensor(norm)
+            if update.micros > 1:  # an accumulated update logs the means over its micro-batches
+                update.metrics = self._micro.add(update)
             metrics.update(update.metrics)
         return metrics
 
