@@ -1,6 +1,7 @@
 """Deployment directories: a distilled student (diffusers layout) with its interpolator next to it.
 
-    <deploy>/transformer/     the generator, consolidated (WanTransformer3DModel loads it)
+    <deploy>/transformer/     the generator, consolidated (WanTransformer3DModel loads it); its EMA if the run kept one
+    <deploy>/transformer_raw/ the trained generator beside its EMA (runs with ``method.ema``)
     <deploy>/interpolator/    the frame-interpolation U-Net (safetensors + config.json)
 
 The student comes from a trainer step directory (the generator's ZeRO partitions, consolidated with DeepSpeed's
@@ -61,6 +62,26 @@ def zero_state(step_dir: Path, role: str = "generator", lazy: bool = True) -> di
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=role, lazy_mode=lazy)
 
 
+def ema_state(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The generator EMA of a trainer step directory, whole, or None when the run kept none (``method.ema``). Each
+    rank's trainer file holds its part: under ZeRO-3 its partition of every parameter (the flattened parameter padded
+    to a multiple of the world size, rank r holding the r-th slice), so the parts in rank order concatenate to the
+    parameter; at stages 0-2 every rank holds it whole."""
+    files = sorted((step_dir / "trainer").glob("rank_*.pt"))
+    parts = [torch.load(f, weights_only=True, mmap=True)["method"].get("generator_ema") for f in files]
+    if not parts or parts[0] is None:
+        return None
+    shapes = {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
+    out = {}
+    for name, first in parts[0].items():
+        shape = shapes.get(name, first.shape)
+        if tuple(first.shape) == tuple(shape):
+            out[name] = first
+        else:
+            out[name] = torch.cat([part[name].flatten() for part in parts])[: shape.numel()].view(shape)
+    return out
+
+
 def check_state(state: dict, cfg: ModelConfig, where: Path) -> None:
     """Names and shapes of an official-named state dict against the architecture (built on the meta device)."""
     expected = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta").state_dict().items()}
@@ -106,7 +127,8 @@ def export_student(
 ) -> Path:
     """Write ``<deploy_dir>/transformer`` (diffusers layout) from a trainer step directory (the generator's ZeRO
     partitions, consolidated by DeepSpeed's zero_to_fp32, cast to ``dtype``) or from any DiT checkpoint (converted,
-    dtypes kept). Names and shapes are checked against the architecture before anything is written."""
+    dtypes kept). Names and shapes are checked against the architecture before anything is written. A run that kept
+    a generator EMA exports the EMA as the student and the trained weights as ``<deploy_dir>/transformer_raw``."""
     src, out = Path(src), Path(deploy_dir) / "transformer"
     model_cfg = _architecture(src, run_config)
     if not is_trainer_checkpoint(src):
@@ -114,6 +136,12 @@ def export_student(
         return out
     state = zero_state(src)
     check_state(state, model_cfg, src)
+    ema = ema_state(src, model_cfg)
+    if ema is not None:
+        check_state(ema, model_cfg, src / "trainer")
+        raw = Path(deploy_dir) / "transformer_raw"
+        save_weights(_Materialized(state, dtype), model_cfg, raw, max_shard_bytes=max_shard_bytes)
+        state = ema
     return save_weights(_Materialized(state, dtype), model_cfg, out, max_shard_bytes=max_shard_bytes)
 
 

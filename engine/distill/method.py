@@ -137,7 +137,7 @@ class DMDMethod:
 
     # -- the two updates -------------------------------------------------------------------------------------------
 
-    def generator_losses(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict, dict, tuple | None]:
+    def generator_losses(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict, dict, torch.Tensor | None]:
         """L_G = L_DMD + w_reg * w * L_reg + w_temp * L_temp (Eq. 9) from one generator forward over both branches.
         Returns (loss, metrics, checks: the finiteness of each part as device bools, the regression EMA's pending
         statistics: sums and counts per timestep, over the ranks)."""

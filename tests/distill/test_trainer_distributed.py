@@ -318,11 +318,12 @@ ACCUM_EMA = (
 )  # fmt: skip
 
 
-def _exported(run_dir, name):
+def _exported(run_dir, name, root="export"):
     from engine.models.checkpoint import load_weights
 
-    model = WanModel(read_model_config(run_dir / "export" / name, gradient_checkpointing=False))
-    load_weights(model, run_dir / "export" / name)
+    path = run_dir / root / name
+    model = WanModel(read_model_config(path, gradient_checkpointing=False))
+    load_weights(model, path)
     return model.state_dict()
 
 
@@ -353,6 +354,13 @@ def test_accumulation_warmup_and_generator_ema_in_distillation(tmp_path, teacher
         torch.testing.assert_close(ema[k], 0.5 * first[k] + 0.5 * last[k], rtol=0, atol=1e-6)
     sampled = torch.load(run_dir / "sampled_step6.pt")  # the end-of-run sample videos are the EMA's
     assert all(torch.equal(sampled[k], ema[k]) for k in ema)
+    # offline, from the step directory (launcher/export.py): the EMA partitions of both ranks consolidated
+    from engine.deploy import export_student
+
+    export_student(run_dir / "checkpoints" / "step_00000006", tmp_path / "deploy")
+    for name, want in (("transformer", ema), ("transformer_raw", raw)):
+        got = _exported(tmp_path / "deploy", name, root="")
+        assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_resume_with_accumulation_and_ema_is_exact(tmp_path, teacher):

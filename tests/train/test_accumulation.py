@@ -182,3 +182,17 @@ def test_a_run_resumed_mid_warmup_continues_the_schedule_exactly(tmp_path, kind)
     assert straight.lrs == pytest.approx([LR * min(1.0, (n + 1) / w) for n in range(steps)], rel=1e-12, abs=0)
     got, want = _weights(second.engines["net"]), _weights(straight.engines["net"])
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("kind", ["zero0", "zero3"])
+def test_the_warmup_rate_is_the_rate_the_optimizer_applies(tmp_path, kind):
+    """AdamW's first update moves every weight by about its learning rate: with a 4-update warm-up, a quarter."""
+    deltas = []
+    for warmup in (0, 4):
+        engine = _engine(kind, B, K, warmup=warmup)
+        before = _weights(engine)
+        _train(_loop(tmp_path, f"rate{warmup}", _Method(engine, micros=K)), 1)
+        deltas.append(torch.cat([(a - b).flatten() for a, b in zip(_weights(engine), before)]).abs())
+    full, warm = deltas
+    assert full.median().item() == pytest.approx(LR, rel=0.05)
+    torch.testing.assert_close(warm, full / 4, rtol=1e-3, atol=1e-7)
