@@ -41,6 +41,29 @@ def merge_checks(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict
     return out
 
 
+class FiniteFlags:
+    """Per role, the finiteness of the loss (and of its named parts) of the micro-batches an update has run so far, on
+    the device."""
+
+    def __init__(self):
+        self.flags: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+
+    def add(self, update) -> None:
+        """A micro-batch before the last: no host sync."""
+        finite, checks = self.flags.pop(update.role) if update.micro else (None, {})
+        ok = torch.isfinite(update.loss.detach()).reshape(())
+        self.flags[update.role] = (ok if finite is None else finite & ok, merge_checks(checks, update.checks))
+
+    def finite(self, update) -> bool:
+        """At the update's last micro-batch (one host sync): whether this rank's micro-batches were all finite; the
+        earlier ones' named parts are folded into ``update.checks``."""
+        if update.micros == 1:
+            return bool(torch.isfinite(update.loss).item())
+        finite, checks = self.flags.pop(update.role)
+        update.checks = merge_checks(checks, update.checks)
+        return bool((finite & torch.isfinite(update.loss.detach()).reshape(())).item())
+
+
 def discard(engine, loss: torch.Tensor) -> None:
     """Collective (every rank, at the update's last micro-batch): drop the gradients the update's earlier micro-batches
     accumulated, apply nothing, and leave the engine's counters at the next update's first micro-batch. Where

@@ -182,8 +182,7 @@ class Loop:
         self.resumed_from: Path | None = None
         self.observer = Observer(settings, method) if dist.is_main() else None
         self.window = _Window()
-        self._finite: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # role -> its micro-batches' flags
-        self._micro = accum.MicroMetrics()
+        self._flags, self._micro = accum.FiniteFlags(), accum.MicroMetrics()  # of the micro-batches of an update
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -273,13 +272,11 @@ class Loop:
     def _accumulate(self, update: Update) -> None:
         """A micro-batch before the last of its update: backward + step (DeepSpeed only accumulates), and its loss's
         finiteness kept on the device for the one decision at the update's last micro-batch (no host sync here)."""
-        engine, loss, role = self.method.engines[update.role], update.loss, update.role
+        engine = self.method.engines[update.role]
         accum.check_boundary(engine, update, False)
-        finite, checks = self._finite.pop(role) if update.micro else (None, {})
-        ok = torch.isfinite(loss.detach()).reshape(())
-        self._finite[role] = (ok if finite is None else finite & ok, accum.merge_checks(checks, update.checks))
-        with self.method.timer(f"{role}_backward"):
-            engine.backward(loss)
+        self._flags.add(update)
+        with self.method.timer(f"{update.role}_backward"):
+            engine.backward(update.loss)
         engine.step()
 
     def _apply(self, update: Update) -> bool | None:
@@ -291,13 +288,7 @@ class Loop:
             self._accumulate(update)
             return None
         accum.check_boundary(engine, update, True)
-        if update.micros > 1:  # the last micro-batch: fold in the flags of the earlier ones
-            finite, checks = self._finite.pop(role)
-            update.checks = accum.merge_checks(checks, update.checks)
-            finite = bool((finite & torch.isfinite(loss.detach()).reshape(())).item())
-        else:
-            finite = bool(torch.isfinite(loss).item())
-        if not dist.all_true(finite, device=loss.device):
+        if not dist.all_true(self._flags.finite(update), device=loss.device):
             if update.micros > 1:  # the earlier micro-batches' gradients are in the engine: drop them
                 accum.discard(engine, loss)
             self._skip(role, "loss", self._bad_checks(update))
