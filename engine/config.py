@@ -173,6 +173,18 @@ class TemporalLossConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An exponential moving average of the generator's weights (engine/distill/ema.py)."""
+
+    enabled: bool = False
+    """Keep the EMA: sample videos use it and the export writes it as the student (raw weights beside it)."""
+    decay: float = 0.99
+    """ema <- decay ema + (1 - decay) w after each applied generator update."""
+    start_step: int = 200
+    """Trainer step from which the EMA averages; before it, it copies the weights."""
+
+
+@dataclass
 class MethodConfig:
     """The distillation method: DMD2 plus the paper's losses. Every term can be switched off (ablations are configs)."""
 
@@ -183,6 +195,7 @@ class MethodConfig:
     temporal: TemporalLossConfig = field(default_factory=TemporalLossConfig)
     fake_guidance_scale: float = 0.0
     """CFG applied to the critic's prediction in the DMD gradient (0 = conditional only)."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 @dataclass
@@ -281,11 +294,11 @@ class OptimConfig:
     micro_batch_size: int = 1
     """Samples per GPU per forward."""
     grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer update (each step's updates run over that many micro-batches)."""
     global_batch_size: Optional[int] = None
     """If set, must equal micro_batch_size x grad_accum_steps x world size (checked at launch)."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up."""
+    """Linear learning-rate warm-up: each role's update n runs at lr * min(1, (n + 1) / warmup_steps)."""
 
 
 @dataclass
@@ -412,6 +425,8 @@ class InterpConfig:
     """Samples per rank per forward; None = batch_size / world size (smaller values accumulate gradients)."""
     zero_stage: Literal[0, 1, 2] = 1
     """DeepSpeed ZeRO stage of the interpolator trainer (a small model: stage 1 shards only optimizer states)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps (0: the constant interp.lr from the start)."""
 
 
 TOY_PIX_FMTS = ("yuv444p", "yuv420p")
@@ -522,6 +537,8 @@ class ToyTeacherConfig:
     data: Literal["fixed", "procedural"] = "fixed"
     """fixed: the toy dataset's train split; procedural: fresh clips rendered from a seed stream, held-out prompts
     excluded (engine/toy/procedural.py)."""
+    grad_accum_steps: int = 1
+    """Micro-batches a step's batch_size clips are split into (accumulated gradients, one optimizer update)."""
 
 
 @dataclass
@@ -843,6 +860,8 @@ def _validate_method(m: MethodConfig) -> None:
         "every generator loss is off (method.dmd, method.regression and method.temporal disabled or weight 0): "
         "the generator would never change; enable at least one",
     )
+    _require(0 < m.ema.decay < 1, "method.ema.decay", f"must lie in (0, 1), got {m.ema.decay}")
+    _require(m.ema.start_step >= 0, "method.ema.start_step", "must be >= 0")
 
 
 def _validate_data(d: DataConfig, vae: VAEConfig, model: ModelConfig) -> None:
@@ -908,6 +927,7 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(cfg.interp.batch_size >= 1, "interp.batch_size", "must be >= 1")
     _require(cfg.interp.steps >= 1, "interp.steps", "must be >= 1")
     _require(cfg.interp.weight_decay >= 0, "interp.weight_decay", "must be >= 0")
+    _require(cfg.interp.warmup_steps >= 0, "interp.warmup_steps", "must be >= 0")
     mb = cfg.interp.micro_batch_size
     _require(
         mb is None or 1 <= mb <= cfg.interp.batch_size, "interp.micro_batch_size", "must lie in [1, interp.batch_size]"
@@ -1015,6 +1035,11 @@ def _validate_toy(cfg: RunConfig) -> None:
         _require(bool(getattr(t, key).strip()), f"toy_teacher.{key}", "must not be empty (it would write into the cwd)")
     _require(t.steps >= 1, "toy_teacher.steps", "must be >= 1")
     _require(t.batch_size >= 1, "toy_teacher.batch_size", "must be >= 1")
+    _require(
+        t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
+        "toy_teacher.grad_accum_steps",
+        f"must be >= 1 and divide toy_teacher.batch_size={t.batch_size}, got {t.grad_accum_steps}",
+    )
     _require(t.lr > 0, "toy_teacher.lr", "must be positive")
     _require(0 <= t.caption_dropout < 1, "toy_teacher.caption_dropout", "must lie in [0, 1)")
     _require(0 <= t.ema_decay < 1, "toy_teacher.ema_decay", "must lie in [0, 1)")

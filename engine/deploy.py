@@ -1,6 +1,7 @@
 """Deployment directories: a distilled student (diffusers layout) with its interpolator next to it.
 
-    <deploy>/transformer/     the generator, consolidated (WanTransformer3DModel loads it)
+    <deploy>/transformer/     the generator, consolidated (WanTransformer3DModel loads it); its EMA if the run kept one
+    <deploy>/transformer_raw/ the trained generator beside its EMA (runs with ``method.ema``)
     <deploy>/interpolator/    the frame-interpolation U-Net (safetensors + config.json)
 
 The student comes from a trainer step directory (the generator's ZeRO partitions, consolidated with DeepSpeed's
@@ -85,6 +86,26 @@ def zero_state(step_dir: Path, role: str = "generator", lazy: bool = True) -> di
         raise CheckpointError(str(exc)) from None
 
 
+def ema_state(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The generator EMA of a trainer step directory, whole, or None when the run kept none (``method.ema``). Each
+    rank's trainer file holds its part: under ZeRO-3 its partition of every parameter (the flattened parameter padded
+    to a multiple of the world size, rank r holding the r-th slice), so the parts in rank order concatenate to the
+    parameter; at stages 0-2 every rank holds it whole."""
+    files = sorted((step_dir / "trainer").glob("rank_*.pt"))
+    parts = [torch.load(f, weights_only=True, mmap=True)["method"].get("generator_ema") for f in files]
+    if not parts or parts[0] is None:
+        return None
+    shapes = {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
+    out = {}
+    for name, first in parts[0].items():
+        shape = shapes.get(name, first.shape)
+        if tuple(first.shape) == tuple(shape):
+            out[name] = first
+        else:
+            out[name] = torch.cat([part[name].flatten() for part in parts])[: shape.numel()].view(shape)
+    return out
+
+
 def check_state(state: dict, cfg: ModelConfig, where: Path) -> None:
     """Names and shapes of an official-named state dict against the architecture (built on the meta device)."""
     expected = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta").state_dict().items()}
@@ -132,7 +153,8 @@ def export_student(
     """Write ``<deploy_dir>/transformer`` (diffusers layout) from a trainer step directory (the generator's ZeRO
     partitions, consolidated by DeepSpeed's zero_to_fp32, cast to ``dtype``) or from any DiT checkpoint (converted,
     dtypes kept). Names and shapes are checked against the architecture before anything is written. ``lora``: a LoRA
-    file merged in first (then cast to ``dtype``)."""
+    file merged in first (then cast to ``dtype``). A run that kept a generator EMA exports the EMA as the student and
+    the trained weights as ``<deploy_dir>/transformer_raw``."""
     src, out = Path(src), Path(deploy_dir) / "transformer"
     model_cfg = _architecture(src, run_config)
     if lora is not None:
@@ -143,6 +165,13 @@ def export_student(
         return out
     state = zero_state(src)
     check_state(state, model_cfg, src)
+    ema = ema_state(src, model_cfg)
+    if ema is not None:
+        check_state(ema, model_cfg, src / "trainer")
+        raw = Path(deploy_dir) / "transformer_raw"
+        trained = ((name, t.contiguous()) for name, t in state.items())
+        save_weights(_Pairs(trained, dtype), model_cfg, raw, max_shard_bytes=max_shard_bytes)
+        state = ema
     lazy = ((name, t.contiguous()) for name, t in state.items())  # one tensor gathered at a time
     return save_weights(_Pairs(lazy, dtype), model_cfg, out, max_shard_bytes=max_shard_bytes)
 

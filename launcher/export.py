@@ -6,12 +6,13 @@
     python launcher/export.py --interpolator runs/interp-toy/interpolator --out runs/demo/export
     python launcher/export.py --checkpoint wan2.1-official/ --out deploy/teacher
 
-Writes <out>/transformer/ (diffusion_pytorch_model*.safetensors + config.json) and <out>/interpolator/
-(model.safetensors + config.json); `launcher/generate.py --student <out>` (or <out>/transformer) then finds the
-interpolator by itself. --checkpoint takes a distillation step directory (<run>/checkpoints/step_N, whose generator/
-holds ZeRO partitions: DeepSpeed's zero_to_fp32 consolidates it offline, no GPU or process group, with the
-architecture from <run>/config.yaml or --config), or a DiT already on disk (official or diffusers layout, rewritten in
-the diffusers layout). --interpolator takes an interpolator export, or a run/step directory holding interpolator/.
+Writes <out>/transformer/ (diffusion_pytorch_model*.safetensors + config.json; for a run with method.ema the EMA, the
+trained weights beside it in <out>/transformer_raw/) and <out>/interpolator/ (model.safetensors + config.json);
+`launcher/generate.py --student <out>` (or <out>/transformer) then finds the interpolator by itself. --checkpoint takes
+a distillation step directory (<run>/checkpoints/step_N, whose generator/ holds ZeRO partitions: DeepSpeed's
+zero_to_fp32 consolidates it offline, no GPU or process group, with the architecture from <run>/config.yaml or
+--config), or a DiT already on disk (official or diffusers layout, rewritten in the diffusers layout). --interpolator
+takes an interpolator export, or a run/step directory holding interpolator/.
 Both are checked (architecture, config, channel counts) before anything is written.
 
     python launcher/export.py --checkpoint runs/x/checkpoints/step_00000600 --single-file deploy/x.safetensors \

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     console.install(verbose=args.verbose)  # every rank runs this, before DeepSpeed is imported
     console.setup_logging()
     from engine.train.errors import TrainingStopped, report
-    from engine.train.signals import die_with_parent
+    from engine.train.orphans import die_with_parent
 
     die_with_parent()  # a worker of torchrun/deepspeed does not outlive its launcher
 

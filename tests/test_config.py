@@ -232,14 +232,15 @@ def test_run_dir_must_be_writable(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["method.dmd.enabled=false", "method.regression.enabled=false", "method.temporal.enabled=false"],
+        ["method.dmd.enabled=false", "method.critic_per_generator=1", "method.regression.enabled=false",
+         "method.temporal.enabled=false"],  # fmt: skip
         ["method.dmd.weight=0", "method.regression.weight=0", "method.temporal.enabled=false"],
     ],
 )
 def test_a_config_with_every_generator_loss_off_is_refused(overrides):
     with pytest.raises(ConfigError, match="config key `method`: every generator loss is off"):
         load_config(None, overrides)
-    load_config(None, overrides[:2])  # the temporal term alone still trains the generator
+    load_config(None, overrides[:-1])  # the temporal term alone still trains the generator
 
 
 def test_quality_margins_are_checked():

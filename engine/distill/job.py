@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from engine.models.checkpoint import weights_fingerprint
 from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
 from engine.train import checkpoint as ckpt
 from engine.train import dist, runlock
+from engine.train.accum import MicroBatches
+from engine.train.guards import NonFiniteWeightsError, weights_finite
 from engine.train.loop import Loop, LoopSettings
 from engine.train.optim import check_offload
 from engine.worlds import World, build_world, kind_of
@@ -61,11 +64,21 @@ def export_dir(cfg: RunConfig) -> Path:
     return Path(cfg.logging.run_dir) / "export" / "transformer"
 
 
+def raw_export_dir(cfg: RunConfig) -> Path:
+    """Where the trained (not averaged) generator goes when the EMA is the exported student."""
+    return Path(cfg.logging.run_dir) / "export" / "transformer_raw"
+
+
+def _exported(cfg: RunConfig) -> bool:
+    dirs = [export_dir(cfg)] + ([raw_export_dir(cfg)] if cfg.method.ema.enabled else [])
+    return all((d / "config.json").is_file() for d in dirs)
+
+
 def finished_summary(cfg: RunConfig) -> dict | None:
     """The summary of a job that already reached ``train.max_steps`` and has its export (when asked for), read from
     its newest checkpoint; None when there is training (or an export) left to do."""
     done = ckpt.finished(Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, cfg.train.max_steps)
-    if done is None or (cfg.checkpoint.export and not (export_dir(cfg) / "config.json").is_file()):
+    if done is None or (cfg.checkpoint.export and not _exported(cfg)):
         return None
     step, rank = int(done["step"]), int(os.environ.get("RANK", "0"))
     return {"step": step, "start": step, "skipped": dict(done["skipped"]), "rank": rank, "finished": True}
@@ -99,17 +112,28 @@ def _run(cfg: RunConfig, make_world: WorldFactory, on_step, model_cfg, interp: P
     method = DMDMethod(cfg, roles, world.unconditional(), world.latent_shape, device)
     gen, export = roles.generator.module, export_dir(cfg)
     write = world_sampler(cfg, world, device, roles.teacher, teacher_id)
+    averaged = method.ema.swapped_in if method.ema is not None else nullcontext  # samples and export use the EMA
+
+    def sample(step: int) -> dict | None:
+        with averaged():
+            return write(gen, step)
 
     def exporter() -> None:  # collective: every rank takes part in gathering the generator
-        export_diffusers(gen, model_cfg, export)
+        with averaged():
+            if method.ema is not None and not weights_finite([gen]):
+                raise NonFiniteWeightsError(f"non-finite generator EMA weights: export to {export} refused")
+            export_diffusers(gen, model_cfg, export)
+        if method.ema is not None:
+            export_diffusers(gen, model_cfg, raw_export_dir(cfg))
         if interp is not None and dist.is_main():
             export_interpolator(interp, export.parent)
         dist.barrier()
 
+    source = world.source if cfg.optim.grad_accum_steps == 1 else MicroBatches(world.source, cfg.optim.grad_accum_steps)
     loop = Loop(
-        LoopSettings.of(cfg), method, world.source, cfg=cfg, on_step=on_step,
-        sampler=(lambda step: write(gen, step)) if write else None, sample_every=cfg.logging.sample_every,
-        exporter=exporter if cfg.checkpoint.export else None, export_done=lambda: (export / "config.json").is_file(),
+        LoopSettings.of(cfg), method, source, cfg=cfg, on_step=on_step,
+        sampler=sample if write else None, sample_every=cfg.logging.sample_every,
+        exporter=exporter if cfg.checkpoint.export else None, export_done=lambda: _exported(cfg),
         meta={"teacher": teacher_id},
     )  # fmt: skip
     return loop.run()

@@ -18,6 +18,7 @@ import torch
 from engine.config import RunConfig
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import guided_velocity
+from engine.distill.ema import PartitionedEMA
 from engine.distill.roles import Roles
 from engine.losses import AdaptiveRegressionLoss, critic_flow_loss, dmd_loss, temporal_regularization
 from engine.models.flops import dit_forward_flops
@@ -34,7 +35,9 @@ class DMDMethod:
     def __init__(self, cfg: RunConfig, roles: Roles, uncond_context: torch.Tensor, latent_shape, device):
         self.cfg, self.roles, self.device = cfg, roles, device
         self.engines = {"generator": roles.generator, "critic": roles.critic}
-        self.samples_per_step = cfg.optim.micro_batch_size
+        self.samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps
+        e = cfg.method.ema
+        self.ema = PartitionedEMA(roles.generator, e.decay, e.start_step) if e.enabled else None
         self.rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + dist.rank())  # per rank
         self.shared = torch.Generator().manual_seed(cfg.train.seed)  # identical on every rank
         self.uncond = uncond_context.to(device)  # (1, L, D)
@@ -62,19 +65,30 @@ class DMDMethod:
         """DMD2's two-timescale rule: the critic updates every step, the generator every critic_per_generator-th."""
         return step % self.cfg.method.critic_per_generator == 0
 
-    def updates(self, step: int, batch: Batch):
+    def updates(self, step: int, batch: Batch | list[Batch]):
         """The critic updates every step; on generator steps the generator updates first (the loop applies each
-        update before the next is computed, so the critic then trains on the updated generator's samples)."""
+        update before the next is computed, so the critic then trains on the updated generator's samples). With
+        gradient accumulation ``batch`` holds the step's micro-batches: each update runs over all of them, and the
+        regression EMA and the generator EMA move once per applied update."""
+        batches = batch if isinstance(batch, list) else [batch]
+        n = len(batches)
         if self.is_generator_step(step):
-            loss, metrics, checks, pending = self.generator_losses(batch, self.rng, self.shared)
-            update = Update("generator", loss, metrics, checks)
-            yield update
-            if update.applied and pending is not None:  # a skipped update leaves the regression EMA as it was
-                self.regression.commit(pending)
+            stats = None
+            for i, b in enumerate(batches):
+                loss, metrics, checks, pending = self.generator_losses(b, self.rng, self.shared)
+                update = Update("generator", loss, metrics, checks, micro=i, micros=n)
+                yield update
+                if pending is not None:
+                    stats = pending if stats is None else stats + pending
+            if update.applied and stats is not None:  # a skipped update leaves the regression EMA as it was
+                self.regression.commit(self.regression.blend(stats))
+            if update.applied and self.ema is not None:
+                self.ema.update(step)
         if not self.cfg.method.dmd.enabled:  # the critic serves the DMD term only (a regression-only fine-tune)
             return
-        loss, metrics = self.critic_loss(batch, self.rng, self.shared)
-        yield Update("critic", loss, metrics)
+        for i, b in enumerate(batches):
+            loss, metrics = self.critic_loss(b, self.rng, self.shared)
+            yield Update("critic", loss, metrics, micro=i, micros=n)
 
     # -- pieces ----------------------------------------------------------------------------------------------------
 
@@ -125,9 +139,10 @@ class DMDMethod:
 
     # -- the two updates -------------------------------------------------------------------------------------------
 
-    def generator_losses(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict, dict, tuple | None]:
+    def generator_losses(self, batch: Batch, rng, shared) -> tuple[torch.Tensor, dict, dict, torch.Tensor | None]:
         """L_G = L_DMD + w_reg * w * L_reg + w_temp * L_temp (Eq. 9) from one generator forward over both branches.
-        Returns (loss, metrics, checks: the finiteness of each part as device bools, the pending regression EMA)."""
+        Returns (loss, metrics, checks: the finiteness of each part as device bools, the regression EMA's pending
+        statistics: sums and counts per timestep, over the ranks)."""
         m = self.cfg.method
         with self.timer("rollout"):
             x_k, s_k = self._rollout_input(batch.prompts, rng, shared)
@@ -161,7 +176,7 @@ class DMDMethod:
         if use_reg:
             with self.timer("regression"):
                 loss_reg, info = self.regression(x0[x_k.shape[0] :], y, t_idx, dist.all_reduce_sum, commit=False)
-            pending = info["pending"]
+            pending = info["stats"]
             metrics.update(reg_weight_mean=info["weights"].mean(), reg_loss_raw=info["per_sample"].mean())
             for k, t in enumerate(self.cfg.diffusion.student_timesteps):
                 sel = (t_idx == k).float()  # mean adaptive weight of this timestep's samples (0 when none)
@@ -198,10 +213,13 @@ class DMDMethod:
         self.shared.set_state(state["shared_rng"])
 
     def rank_state_dict(self) -> dict:
-        return {"rng": self.rng.get_state()}
+        state = {"rng": self.rng.get_state()}
+        return state if self.ema is None else {**state, "generator_ema": self.ema.state_dict()}
 
     def load_rank_state_dict(self, state: dict) -> None:
         self.rng.set_state(state["rng"])
+        if self.ema is not None:  # a checkpoint of a run without the EMA starts it from the resumed weights
+            self.ema.load_state_dict(state.get("generator_ema"))
 
     def log_scalars(self, seconds: float, steps: int) -> dict[str, float]:
         """Per-phase wall time, tokens/s, MFU (model FLOPs over the peak of every device), the regression EMA."""

@@ -26,6 +26,7 @@ from engine.models.checkpoint import (
 from engine.models.wan import WanModel
 from engine.train import dist
 from engine.train.optim import adamw
+from engine.train.warmup import linear_warmup
 from engine.train.zero_trace import keep_grad_trace
 
 RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len")
@@ -120,11 +121,12 @@ def build_roles(cfg: RunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> R
     critic = _construct(model_cfg, ds_cfg, dtype)
     load_into([teacher, generator, critic], cfg.model.checkpoint)
     teacher.requires_grad_(False).eval()
+    warmup = linear_warmup(cfg.optim.warmup_steps)  # each role's own updates; None: constant rate
     gen_engine, *_ = deepspeed.initialize(
-        model=generator, optimizer=_adamw(generator, cfg, cfg.optim.lr), config=ds_cfg
+        model=generator, optimizer=_adamw(generator, cfg, cfg.optim.lr), config=ds_cfg, lr_scheduler=warmup
     )
     critic_engine, *_ = deepspeed.initialize(
-        model=critic, optimizer=_adamw(critic, cfg, cfg.optim.critic_lr), config=ds_cfg
+        model=critic, optimizer=_adamw(critic, cfg, cfg.optim.critic_lr), config=ds_cfg, lr_scheduler=warmup
     )
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=ds_cfg)
     for engine in (gen_engine, critic_engine):  # run with and without gradient: keep ZeRO-3's prefetch trace valid

@@ -28,8 +28,10 @@ from engine.config import deepspeed_config as run_deepspeed_config
 from engine.interp.data import LatentSource
 from engine.models.interp_unet import InterpolatorError, InterpUNet, frame_pairs, load_interpolator, save_interpolator
 from engine.train import dist, runlock
+from engine.train.accum import MicroBatches
 from engine.train.loop import Loop, LoopSettings, Update
 from engine.train.timer import PhaseTimer
+from engine.train.warmup import linear_warmup
 
 
 @dataclass
@@ -148,7 +150,9 @@ def build_engine(cfg: RunConfig, world_size: int):
     i = cfg.interp
     model = InterpUNet(cfg.model.in_dim, i.channels, residual=i.residual)
     opt = torch.optim.AdamW(model.parameters(), lr=i.lr, betas=(0.9, 0.999), weight_decay=i.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world_size))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, config=deepspeed_config(cfg, world_size), lr_scheduler=linear_warmup(i.warmup_steps)
+    )
     return engine
 
 
@@ -168,28 +172,9 @@ def _check_batch(latents: torch.Tensor, in_dim: int) -> torch.Tensor:
 ENGINE_TAG = "unet"  # the DeepSpeed engine's directory inside a step checkpoint
 
 
-class _StepBatches:
-    """The loop's source: the ``accum`` micro-batches of one step from a latent source (its position is resumable)."""
-
-    def __init__(self, source: LatentSource, accum: int):
-        self.source, self.accum, self._it = source, accum, None
-
-    def next_batch(self) -> list[torch.Tensor]:
-        if self._it is None:
-            self._it = iter(self.source)
-        return [next(self._it) for _ in range(self.accum)]
-
-    def state_dict(self) -> dict:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.source.load_state_dict(state)
-        self._it = None
-
-
 class InterpMethod:
-    """One optimizer step = ``accum`` micro-batch updates of the U-Net engine (DeepSpeed applies the optimizer on
-    the accumulation boundary); the step's metrics are the means over its micro-batches."""
+    """One optimizer step = one update of the U-Net engine over ``accum`` micro-batches (the loop accumulates them,
+    DeepSpeed applies the optimizer on the accumulation boundary; the step logs the means over its micro-batches)."""
 
     name = "interp"
 
@@ -200,13 +185,11 @@ class InterpMethod:
         self.timer = PhaseTimer()
 
     def updates(self, step: int, batch: list[torch.Tensor]):
-        engine, totals = self.engines[ENGINE_TAG], {}
+        engine = self.engines[ENGINE_TAG]
         for i, latents in enumerate(batch):
             latents = _check_batch(latents, self.in_dim).to(engine.device)
             loss, metrics = interp_objective(engine, latents)
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                totals[k] = totals.get(k, 0) + v.float() / self.accum
-            yield Update(ENGINE_TAG, loss, totals if i == len(batch) - 1 else {})
+            yield Update(ENGINE_TAG, loss, {"loss": loss.detach(), **metrics}, micro=i, micros=len(batch))
 
     def state_dict(self) -> dict:
         return {}
@@ -261,7 +244,7 @@ def _train_interp(cfg: RunConfig, source: LatentSource, export_dir: str | Path |
     loop = Loop(
         LoopSettings.of(cfg, max_steps=cfg.interp.steps),
         InterpMethod(engine, accum, cfg.model.in_dim, mb),
-        _StepBatches(source, accum),
+        MicroBatches(source, accum),
         cfg=cfg,
         after_save=after_save,
         exporter=exporter,

@@ -7,7 +7,8 @@ Lbar = L_s (w = 0.5), and its batch mean initializes the EMA. Then Lbar_k <- a L
 the means taken over all ranks (sums and counts all-reduced) so every rank holds the same cache. No host sync.
 
 The cache should follow the updates that reached the weights only: ``forward(..., commit=False)`` computes the new
-cache (with its all-reduce, at the same point of every rank's step) and returns it as ``info["pending"]``;
+cache (with its all-reduce, at the same point of every rank's step) and returns it as ``info["pending"]`` (and the
+sums behind it as ``info["stats"]``: an update accumulated over micro-batches commits ``blend`` of their sum once);
 :meth:`commit` folds it in once the trainer applied the update, and a skipped update just drops it.
 """
 
@@ -52,6 +53,12 @@ class AdaptiveRegressionLoss(nn.Module):
         self, losses: torch.Tensor, t_index: torch.Tensor, all_reduce: AllReduce | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The (ema, seen) this step's per-timestep mean losses (over every rank) lead to; nothing changes yet."""
+        return self.blend(self.stats(losses, t_index, all_reduce))
+
+    @torch.no_grad()
+    def stats(self, losses: torch.Tensor, t_index: torch.Tensor, all_reduce: AllReduce | None = None) -> torch.Tensor:
+        """(2, K): per-timestep sums and counts of the finite losses, over every rank. The stats of several
+        micro-batches add up to those of their union (one accumulated update folds their sum in once)."""
         n = self.ema.numel()
         losses = losses.detach().float()
         valid = torch.isfinite(losses)  # a non-finite sample (its step gets skipped) must not poison the cache
@@ -60,6 +67,11 @@ class AdaptiveRegressionLoss(nn.Module):
         stats[1].index_add_(0, t_index, valid.float())
         if all_reduce is not None:
             stats = all_reduce(stats)
+        return stats
+
+    @torch.no_grad()
+    def blend(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (ema, seen) that :meth:`stats` lead to."""
         present = stats[1] > 0
         mean = stats[0] / stats[1].clamp(min=1)
         blended = torch.where(self.seen, self.decay * self.ema + (1 - self.decay) * mean, mean)
@@ -85,8 +97,9 @@ class AdaptiveRegressionLoss(nn.Module):
         losses = per_sample_mse(pred, target)  # (B,)
         w = self.weights(losses, t_index)
         loss = (w * losses).mean()
-        pending = self.pending(losses, t_index, all_reduce)
+        stats = self.stats(losses, t_index, all_reduce)
+        pending = self.blend(stats)
         if commit:
             self.commit(pending)
         info = {"per_sample": losses.detach(), "weights": w.detach()}
-        return loss, info if commit else {**info, "pending": pending}
+        return loss, info if commit else {**info, "pending": pending, "stats": stats}

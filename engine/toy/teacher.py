@@ -70,7 +70,7 @@ class TeacherTrainer:
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
         opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.engines = {"teacher": TorchEngine(self.model, opt, cfg.grad_clip)}
+        self.engines = {"teacher": TorchEngine(self.model, opt, cfg.grad_clip, grad_accum_steps=cfg.grad_accum_steps)}
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.timer = PhaseTimer()
         self.samples_per_step = cfg.batch_size
@@ -123,9 +123,11 @@ class TeacherTrainer:
         for group in self.engines["teacher"].optimizer.param_groups:
             group["lr"] = lr
         x0, context = self._batch(step)
-        loss = flow_matching_loss(self.model, x0, context, self.schedule, self.rng)
-        update = Update("teacher", loss, {"loss": loss.detach(), "lr": torch.tensor(lr)})
-        yield update
+        k = self.cfg.grad_accum_steps  # the step's clips in k micro-batches, one optimizer update
+        for i, (x, c) in enumerate(zip(x0.chunk(k), context.chunk(k))):
+            loss = flow_matching_loss(self.model, x, c, self.schedule, self.rng)
+            update = Update("teacher", loss, {"loss": loss.detach(), "lr": torch.tensor(lr)}, micro=i, micros=k)
+            yield update
         if update.applied:  # after the loop applied the update; a skipped one leaves the average alone
             self._update_ema(step + 1)
 

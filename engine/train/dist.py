@@ -14,7 +14,7 @@ def init(timeout_minutes: int = 30) -> None:
     with no launcher becomes rank 0 of 1."""
     if dist.is_initialized():
         return
-    from engine.train.signals import die_with_parent
+    from engine.train.orphans import die_with_parent
 
     die_with_parent()  # a worker started by torchrun/deepspeed dies with its launcher
     import deepspeed

@@ -16,23 +16,46 @@ from engine.fsutil import fix_mode
 
 
 class TorchEngine:
-    """``backward(loss)`` zeroes the gradients and back-propagates; ``step()`` clips (``max_grad_norm``) and steps."""
+    """``backward(loss)`` zeroes the gradients (at an update's first micro-batch) and back-propagates; ``step()`` clips
+    (``max_grad_norm``) and steps at the accumulation boundary. With ``grad_accum_steps`` k > 1 it accumulates as
+    DeepSpeed does: each micro-batch's loss is scaled by 1/k, the optimizer steps at every k-th ``step()``."""
 
-    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None = None,
+        grad_accum_steps: int = 1,
+    ):
         self.module, self.optimizer, self.max_grad_norm = module, optimizer, max_grad_norm
         self.grad_norm: float | None = None
+        self.accum, self.micro_steps = grad_accum_steps, 0
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def gradient_accumulation_steps(self) -> int:
+        return self.accum
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.accum == 0
+
     def backward(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.micro_steps % self.accum == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        (loss / self.accum if self.accum > 1 else loss).backward()
 
     def step(self) -> None:
-        if self.max_grad_norm is not None:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        if self.is_gradient_accumulation_boundary():
+            if self.max_grad_norm is not None:
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+        self.micro_steps += 1
+
+    def discard(self) -> None:
+        """At the boundary, instead of ``step()``: drop the accumulated gradients, apply nothing."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro_steps += 1
 
     def get_global_grad_norm(self):
         """The norm before clipping, as a tensor (no host sync); None before the first step or without clipping."""

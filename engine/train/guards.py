@@ -36,7 +36,7 @@ def _is_deepspeed(engine) -> bool:
 
 def at_boundary(engine) -> bool:
     """Whether the coming ``step()`` applies the optimizer (DeepSpeed accumulates between boundaries)."""
-    return engine.is_gradient_accumulation_boundary() if _is_deepspeed(engine) else True
+    return engine.is_gradient_accumulation_boundary() if hasattr(engine, "is_gradient_accumulation_boundary") else True
 
 
 def deepspeed_guards(engine) -> bool:
@@ -79,20 +79,41 @@ def discard_step(engine) -> None:
     """Drop the gradients of this update and apply nothing. A DeepSpeed engine (stage 0, client optimizer) still runs
     ``step()``, over zeroed gradients and with the optimizer's own step switched off for that call, so its micro-step,
     accumulation and step counters stay where an applied step leaves them (skipping ``step()`` would shift every
-    later accumulation boundary); the optimizer state (moments, step count) is untouched."""
+    later accumulation boundary); the optimizer state (moments, step count) and the learning-rate schedule are
+    untouched."""
     if not _is_deepspeed(engine):
-        engine.optimizer.zero_grad(set_to_none=True)
+        if hasattr(engine, "discard"):
+            engine.discard()  # TorchEngine: drops the gradients and its accumulation boundary
+        else:
+            engine.optimizer.zero_grad(set_to_none=True)
         return
     for p in _module(engine).parameters():
         if p.grad is not None:
             p.grad.zero_()
-    opt = engine.optimizer
-    opt.step = lambda *args, **kwargs: None  # shadows the class's step on this instance, for this one call
-    try:
+    with _switched_off(engine.optimizer), _switched_off(getattr(engine, "lr_scheduler", None)):
         engine.step()
-    finally:
-        del opt.step
     engine.zero_grad()
+
+
+class _switched_off:
+    """``obj.step`` does nothing inside the block (shadowed on the instance; what the instance had is restored: a torch
+    scheduler wraps its optimizer's ``step`` on the instance)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __enter__(self):
+        if self.obj is not None:
+            self.saved = vars(self.obj).get("step")
+            self.obj.step = lambda *args, **kwargs: None
+
+    def __exit__(self, *exc):
+        if self.obj is None:
+            return
+        if self.saved is None:
+            del self.obj.step
+        else:
+            self.obj.step = self.saved
 
 
 def step_applied(engine) -> bool:

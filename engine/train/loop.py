@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import torch
 
 from engine.config import RunConfig
+from engine.train import accum, dist, guards, signals
 from engine.train import checkpoint as ckpt
-from engine.train import dist, guards, signals
 from engine.train.errors import TrainingStopped
 from engine.train.observe import Observer
 from engine.train.timer import PhaseTimer
@@ -52,7 +52,13 @@ class Update:
     """Named parts of the loss (device bool scalars: finite on this rank), read only when the loss is not finite, to
     say which part was not (e.g. the teacher's or the critic's score)."""
     applied: bool | None = None
-    """Set by the loop before the method resumes: whether this update reached the weights."""
+    """Set by the loop before the method resumes: whether this update reached the weights (known at the last
+    micro-batch; None before it)."""
+    micro: int = 0
+    """Index of this micro-batch within its optimizer update (gradient accumulation, docs/method.md)."""
+    micros: int = 1
+    """Micro-batches of the update (the engine's gradient_accumulation_steps): the loop runs backward on each and
+    decides the non-finite skip once, at the last, for the whole update."""
 
 
 class Method(Protocol):
@@ -184,6 +190,7 @@ class Loop:
         self.resumed_from: Path | None = None
         self.observer = Observer(settings, method) if dist.is_main() else None
         self.window = _Window()
+        self._flags, self._micro = accum.FiniteFlags(), accum.MicroMetrics()  # of the micro-batches of an update
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -277,27 +284,39 @@ class Loop:
                 f"(train.max_nonfinite_in_a_row={self.s.max_nonfinite_in_a_row})"
             )
 
-    def _apply(self, update: Update) -> bool:
+    def _accumulate(self, update: Update) -> None:
+        """A micro-batch before the last of its update: backward + step (DeepSpeed only accumulates), and its loss's
+        finiteness kept on the device for the one decision at the update's last micro-batch (no host sync here)."""
+        engine = self.method.engines[update.role]
+        accum.check_boundary(engine, update, False)
+        self._flags.add(update)
+        with self.method.timer(f"{update.role}_backward"):
+            engine.backward(update.loss)
+        engine.step()
+
+    def _apply(self, update: Update) -> bool | None:
         """backward + step when the loss is finite on every rank and the gradient norm at the optimizer step too;
-        otherwise skip everywhere (the gradients discarded) and count it. One host sync per update: at an optimizer
-        boundary the loss's finiteness is folded into the gradient check of the step (DeepSpeed's or ours), see
-        :func:`guards.nan_unless`; only a skipped update reads the loss again, to name the cause."""
+        otherwise skip everywhere (the gradients discarded) and count it. With gradient accumulation the micro-batches
+        before the last accumulate (None) and the decision covers every micro-batch of the update. One host sync per
+        update: the finiteness of the update's losses (a device bool over its micro-batches) is folded into the
+        gradient check of the step (DeepSpeed's or ours) at the last micro-batch, see :func:`guards.nan_unless`;
+        only a skipped update reads it again, to name the cause."""
         engine, loss, role = self.method.engines[update.role], update.loss, update.role
-        finite = torch.isfinite(loss.detach()).all()  # a device bool
-        boundary = guards.at_boundary(engine)
-        if not boundary and not dist.all_true(finite, device=loss.device):  # no gradient check before the boundary
-            self._skip(role, "loss", self._bad_checks(update))
-            return False
+        if update.micro < update.micros - 1:
+            self._accumulate(update)
+            return None
+        accum.check_boundary(engine, update, True)
+        finite = self._flags.finite(update)  # a device bool: every micro-batch of the update, on this rank
         with self.method.timer(f"{role}_backward"):
-            engine.backward(guards.nan_unless(finite, loss) if boundary else loss)
-        own_check = boundary and not guards.deepspeed_guards(engine)
+            engine.backward(guards.nan_unless(finite, loss))  # a non-finite micro-batch poisons the whole step
+        own_check = not guards.deepspeed_guards(engine)
         if own_check and not dist.all_true(guards.local_grads_finite(engine), device=loss.device):
             guards.discard_step(engine)
             self._skip(role, *self._cause(update, finite))
             return False
         with self.method.timer("optimizer"):
             engine.step()
-        if boundary and not guards.step_applied(engine):  # DeepSpeed's own check discarded the step
+        if not guards.step_applied(engine):  # DeepSpeed's own check discarded the step
             self._skip(role, *self._cause(update, finite))
             return False
         self.in_a_row[role] = 0
@@ -322,6 +341,8 @@ class Loop:
                 norm = self.method.engines[update.role].get_global_grad_norm()
                 if norm is not None:  # DeepSpeed knows it at the accumulation boundary only; a tensor stays put
                     update.metrics[f"grad_norm_{update.role}"] = torch.as_tensor(norm)
+            if update.micros > 1:  # an accumulated update logs the means over its micro-batches
+                update.metrics = self._micro.add(update)
             metrics.update(update.metrics)
         return metrics
 

@@ -11,6 +11,8 @@ Faults, by environment variable (steps are the loop's 0-based step index, as in 
     NAN_GRADS=critic:2,...      that role's backward at that step yields NaN gradients (its loss stays finite)
     NAN_SCORES=teacher:5,...    that role's (teacher or critic) score at that step is NaN
     POISON_WEIGHTS=generator:3:1  after step 3, rank 1's partition of the generator's first weight becomes NaN
+With RECORD_GENERATOR=1 rank 0 also writes <run_dir>/generator_step<n>.pt, the full generator after each step n that
+changed it, and <run_dir>/sampled_step<n>.pt, the full weights the sample-video writer got at step n.
 """
 
 import json
@@ -22,11 +24,12 @@ import deepspeed
 import torch
 
 from engine.config import load_config
+from engine.distill import job
 from engine.distill.job import World, run_distillation
 from engine.train import dist
 from engine.train.errors import TrainingStopped
 from engine.train.errors import report as report_stop
-from engine.train.signals import die_with_parent
+from engine.train.orphans import die_with_parent
 from engine.worlds.source import Batch, TensorSource
 
 LATENT = (4, 3, 4, 4)  # (C, F, H, W) for the tiny preset (in_dim 4)
@@ -173,7 +176,12 @@ class Recorder:
                 changed[k] = bool(dist.all_reduce_sum(flag).item() > 0)
             losses = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
             ema = trainer.method.regression.ema.tolist()
-            self.rows.append({"step": trainer.step, "changed": changed, "losses": losses, "reg_ema": ema})
+            lr = {k: e.optimizer.param_groups[0]["lr"] for k, e in trainer.method.engines.items()}
+            self.rows.append({"step": trainer.step, "changed": changed, "losses": losses, "reg_ema": ema, "lr": lr})
+            if os.environ.get("RECORD_GENERATOR") and changed["generator"]:  # the full weights after each update
+                full = _full(_modules(trainer)["generator"])
+                if dist.is_main():
+                    torch.save(full, self.run_dir / f"generator_step{trainer.step}.pt")
         self.prev = now
         if trainer.step == trainer.cfg.train.max_steps and metrics is not None:
             full = {k: _full(m) for k, m in _modules(trainer).items() if k != "teacher"}
@@ -181,11 +189,25 @@ class Recorder:
                 torch.save(full, self.run_dir / "final_weights.pt")
 
 
+def probe_sampler(cfg, world, device, *_):
+    """Stands in for the sample-video writer: records the full weights the sampler is handed at each call."""
+    run_dir = Path(cfg.logging.run_dir)
+
+    def sampler(generator, step):
+        full = _full(generator)  # collective, as the real sampler's forwards are
+        if dist.is_main():
+            torch.save(full, run_dir / f"sampled_step{step}.pt")
+
+    return sampler
+
+
 def main():
     cfg = load_config(sys.argv[1], sys.argv[2:])
     run_dir = Path(cfg.logging.run_dir)
     rec = Recorder(run_dir)
     die_with_parent()  # as launcher/run.py does
+    if os.environ.get("RECORD_GENERATOR"):
+        job.world_sampler = probe_sampler
     try:
         summary = run_distillation(cfg, make_world, on_step=rec)
     except TrainingStopped as exc:  # as launcher/run.py reports it: one line, the exit status

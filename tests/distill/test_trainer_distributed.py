@@ -379,3 +379,71 @@ def test_a_sigkilled_launcher_leaves_no_worker_running(tmp_path, teacher):
 
 def _text(path):
     return path.read_text() if path.is_file() else ""
+
+
+ACCUM_EMA = (
+    "optim.grad_accum_steps=2", "optim.warmup_steps=3", "method.ema.enabled=true", "method.ema.decay=0.5",
+    "method.ema.start_step=2",
+)  # fmt: skip
+
+
+def _exported(run_dir, name, root="export"):
+    from engine.models.checkpoint import load_weights
+
+    path = run_dir / root / name
+    model = WanModel(read_model_config(path, gradient_checkpointing=False))
+    load_weights(model, path)
+    return model.state_dict()
+
+
+def test_accumulation_warmup_and_generator_ema_in_distillation(tmp_path, teacher):
+    """grad_accum_steps=2: still one generator update per 5 trainer steps and the regression EMA moving with it only;
+    the warm-up of both roles per update; the EMA (decay 0.5 from step 2) is the exported student, the raw weights
+    beside it, and equals the average of the gathered weights after the two generator updates; the sample videos
+    are generated with it."""
+    proc, run_dir = launch(
+        tmp_path, teacher, "accum", steps=6, every=3, env={"RECORD_GENERATOR": "1"}, overrides=ACCUM_EMA
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = report(run_dir)["rows"]
+    assert [r["changed"]["generator"] for r in rows] == [True, False, False, False, False, True]
+    assert all(r["changed"]["critic"] for r in rows)
+    reg = [r["reg_ema"] for r in rows]
+    assert reg[0] != [0.0] * len(reg[0]) and reg[1:5] == [reg[0]] * 4 and reg[5] != reg[4]  # per generator update
+    base = 1e-3
+    for r in rows:  # after trainer step s: the critic made s updates, the generator 1 + (s - 1) // 5
+        assert r["lr"]["critic"] == pytest.approx(base * min(1.0, (r["step"] + 1) / 3), rel=1e-9)
+        assert r["lr"]["generator"] == pytest.approx(base * min(1.0, (2 + (r["step"] - 1) // 5) / 3), rel=1e-9)
+    ema, raw = _exported(run_dir, "transformer"), _exported(run_dir, "transformer_raw")
+    final = torch.load(run_dir / "final_weights.pt")["generator"]
+    first, last = torch.load(run_dir / "generator_step1.pt"), torch.load(run_dir / "generator_step6.pt")
+    assert all(torch.equal(raw[k], final[k]) and torch.equal(last[k], final[k]) for k in final)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    for k in raw:  # step 0 < start_step: a copy; step 5: 0.5 ema + 0.5 w
+        torch.testing.assert_close(ema[k], 0.5 * first[k] + 0.5 * last[k], rtol=0, atol=1e-6)
+    sampled = torch.load(run_dir / "sampled_step6.pt")  # the end-of-run sample videos are the EMA's
+    assert all(torch.equal(sampled[k], ema[k]) for k in ema)
+    # offline, from the step directory (launcher/export.py): the EMA partitions of both ranks consolidated
+    from engine.deploy import export_student
+
+    export_student(run_dir / "checkpoints" / "step_00000006", tmp_path / "deploy")
+    for name, want in (("transformer", ema), ("transformer_raw", raw)):
+        got = _exported(tmp_path / "deploy", name, root="")
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_resume_with_accumulation_and_ema_is_exact(tmp_path, teacher):
+    straight_proc, straight = launch(tmp_path, teacher, "straight", steps=12, every=6, overrides=ACCUM_EMA)
+    assert straight_proc.returncode == 0, straight_proc.stderr[-3000:]
+    killed, run = launch(
+        tmp_path, teacher, "killed", steps=12, every=6, env={"VIDISTILL_FAULT": "step:7"}, overrides=ACCUM_EMA
+    )
+    assert killed.returncode != 0
+    resumed, _ = launch(tmp_path, teacher, "killed", steps=12, every=6, overrides=ACCUM_EMA)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_tail(report(straight), report(run), first_step=7)
+    assert [r["lr"] for r in report(run)["rows"]] == [r["lr"] for r in report(straight)["rows"][6:]]
+    _assert_same_weights(straight, run)
+    for name in ("transformer", "transformer_raw"):  # the EMA continued bit for bit
+        a, b = _exported(straight, name), _exported(run, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -116,6 +116,14 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def test_the_interpolator_warms_up_its_learning_rate(tmp_path):
+    from engine.interp.train import build_engine
+
+    engine = build_engine(_cfg(tmp_path, **{"interp.warmup_steps": 4}), 1)
+    assert engine.get_lr() == [pytest.approx(3e-3 / 4, rel=1e-12)]  # update 0 at lr / 4
+    assert build_engine(_cfg(tmp_path, "flat"), 1).lr_scheduler is None  # warmup_steps 0: a constant rate
+
+
 def test_bad_inputs(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(InterpolatorError, match=r"expected \(B, 4, F, H, W\) with 4 = model.in_dim"):

@@ -112,6 +112,26 @@ def test_regression_pending_ema_moves_only_when_committed():
     assert torch.equal(reg.ema, eager.ema) and torch.equal(reg.seen, eager.seen)
 
 
+def test_regression_micro_batches_fold_in_as_their_union():
+    """Two micro-batches of an accumulated update: the same weights (the cache before the update) and, folded in once,
+    the same cache as one batch holding both; the cache had a value for timestep 0 only."""
+    g = torch.Generator().manual_seed(0)
+    pred, t_idx = torch.randn(6, 2, 1, 2, 2, generator=g), torch.tensor([0, 1, 2, 0, 2, 2])
+    big, acc = AdaptiveRegressionLoss(num_timesteps=3), AdaptiveRegressionLoss(num_timesteps=3)
+    for reg in (big, acc):
+        reg.commit((torch.tensor([0.5, 0.0, 0.0]), torch.tensor([True, False, False])))
+    _, info = big(pred, torch.zeros_like(pred), t_idx, commit=False)
+    stats, weights = 0, []
+    for half in (slice(0, 3), slice(3, 6)):
+        _, part = acc(pred[half], torch.zeros_like(pred[half]), t_idx[half], commit=False)
+        stats, weights = stats + part["stats"], weights + [part["weights"]]
+    torch.testing.assert_close(torch.cat(weights), info["weights"], rtol=0, atol=0)
+    acc.commit(acc.blend(stats))
+    big.commit(info["pending"])
+    torch.testing.assert_close(acc.ema, big.ema, rtol=1e-6, atol=1e-7)
+    assert torch.equal(acc.seen, big.seen) and acc.seen.all()
+
+
 def test_regression_state_round_trips():
     reg = AdaptiveRegressionLoss(num_timesteps=3)
     reg(torch.ones(2, 1, 1, 1, 1), torch.zeros(2, 1, 1, 1, 1), torch.tensor([0, 2]))

@@ -40,8 +40,9 @@ def test_flow_matching_loss_is_the_velocity_mse():
     assert loss.item() == pytest.approx((e - x0).square().mean().item(), rel=1e-6)
 
 
-def _trainer(tmp_path, steps, name="run"):
+def _trainer(tmp_path, steps, name="run", accum=1):
     cfg = ToyTeacherConfig(
+        grad_accum_steps=accum,
         steps=steps,
         batch_size=4,
         lr=1e-3,
@@ -67,14 +68,17 @@ def test_caption_dropout_uses_the_empty_prompt(tmp_path):
     assert dropped == pytest.approx(0.5, abs=0.05)
 
 
-def test_resume_is_exact_and_export_holds_the_ema(tmp_path):
-    straight = _trainer(tmp_path, 6, "straight")
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_exact_and_export_holds_the_ema(tmp_path, accum):
+    straight = _trainer(tmp_path, 6, "straight", accum)
     straight.run(progress=False)
-    first = _trainer(tmp_path, 3, "split")  # stops (and saves) at step 3
+    first = _trainer(tmp_path, 3, "split", accum)  # stops (and saves) at step 3
     first.run(progress=False)
-    second = _trainer(tmp_path, 6, "split")  # same directory: resumes at 3
+    second = _trainer(tmp_path, 6, "split", accum)  # same directory: resumes at 3
     summary = second.run(progress=False)
     assert summary["resumed"] and summary["steps_run"] == 3
+    opt_steps = {int(v["step"]) for v in second.engines["teacher"].optimizer.state_dict()["state"].values()}
+    assert opt_steps == {6}  # one optimizer update per step, whatever the number of micro-batches
     for (n, a), (_, b) in zip(straight.model.named_parameters(), second.model.named_parameters()):
         assert torch.equal(a, b), n
     out = second.export()
