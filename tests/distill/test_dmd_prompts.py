@@ -163,9 +163,8 @@ def test_prompts_from_a_file_of_toy_captions(cache, train, tmp_path):
         (["data.dmd_prompts.path=p.txt"], "data.dmd_prompts.path"),
         (["data.dmd_prompts.source=cache", "data.dmd_prompts.cache_dir=c"], "data.dmd_prompts.source"),
         (["data.dmd_prompts.cache_dir=c"], "data.dmd_prompts.cache_dir"),
-        (["method.dmd.enabled=false", "method.regression.enabled=false", "method.temporal.enabled=false"],
-         "method.dmd.enabled"),
-        (["method.dmd.enabled=false", "method.regression.weight=0", "method.temporal.weight=0"], "method.dmd.enabled"),
+        (["method.dmd.enabled=false", "method.regression.enabled=false", "method.temporal.enabled=false"], "method"),
+        (["method.dmd.enabled=false", "method.regression.weight=0", "method.temporal.weight=0"], "method"),
         (["method.dmd.enabled=false"], "method.critic_per_generator"),  # no critic between generator updates
     ],
 )  # fmt: skip
