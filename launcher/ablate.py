@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         monitored=cfg.logging.sample_count,
     )  # fmt: skip
     for v in out["verdicts"]:
-        print(f"ablate: {v['verdict']:>12}: {v['claim']} ({v['metric']} {v['effect']:+.3f} ± {v['spread']:.3f})")
+        print(f"ablate: {v['verdict']:>12}: {v['claim']} ({v['metric']} {v['effect']:+.3f}, sd {v['spread']:.3f})")
     print(f"ablate: wrote {Path(args.docs) / 'RESULTS.md'} and {Path(args.docs) / 'results'}")
     if out["failed"]:
         print(f"ablate: error: {out['failed']} run(s) failed; see docs/results/ablation_runs.json", file=sys.stderr)

@@ -69,7 +69,9 @@ def verdict_table(verdicts: list[dict]) -> str:
     ]
     for v in verdicts:
         bound = f"[{v['low']:.3f}, {v['high']:.3f}]" if "low" in v else "-"
-        eff = f"{v['effect']:+.3f} ± {v['spread']:.3f}" if math.isfinite(v["effect"]) else "-"
+        eff = "-"
+        if math.isfinite(v["effect"]):
+            eff = f"{v['effect']:+.3f}" + (f" ± {v['spread']:.3f}" if math.isfinite(v["spread"]) else " (one seed)")
         lines.append(
             f"| {v['claim']} | {v['metric']} | {eff} | {bound} | {v['seeds']} | **{v['verdict']}** ({v['why']}) |"
         )
