@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from engine.toy_words import FILTER_VOCABULARY
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit: wrong layout, missing/unexpected keys, shape mismatch."""
@@ -971,8 +973,6 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_filter(f: CaptionFilter, key: str) -> None:
-    from engine.toy.captions import FILTER_VOCABULARY  # the toy world's words; no heavy import
-
     for name, words in FILTER_VOCABULARY.items():
         bad = [v for v in getattr(f, name) if v not in words]
         _require(not bad, f"{key}.{name}", f"unknown {bad}; known: {list(words)}")
