@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TEXT_LEN = 16
+TEACHER = ROOT / "engine" / "assets" / "toy_teacher"  # the toy world's shipped teacher: the toy preset's architecture
 BASE_YAML = """
 model: {{preset: toy, checkpoint: {teacher}, gradient_checkpointing: {ckpt}}}
 text_encoder: {{kind: umt5, max_length: {text_len}}}
@@ -62,12 +63,12 @@ MMAP_THRESHOLD = 16384  # bytes: every larger block is its own mmap, returned to
 
 
 def write_config(name: str, workdir: Path) -> Path:
-    """The run config of one measured case (the teacher checkpoint written once into ``workdir``)."""
+    """The run config of one measured case, written into ``workdir``."""
     frames, side, mb, ckpt, persist = CONFIGS[name]
     cfg_path = workdir / f"{name}.yaml"
     cfg_path.write_text(
         BASE_YAML.format(
-            teacher=_teacher(workdir),
+            teacher=TEACHER,
             ckpt=str(ckpt).lower(),
             text_len=TEXT_LEN,
             mb=mb,
@@ -109,25 +110,6 @@ def planned(cfg_path: Path) -> dict:
     return {"resident": p.phases["resident"], "peak": p.peak, "activations": p.peak - p.phases["resident"],
             "worst_phase": p.phases["worst"], "tokens": p.tokens, "phases": p.phases,
             "rows": {name: value for name, value, _ in p.rows}}  # fmt: skip
-
-
-def _teacher(workdir: Path) -> Path:
-    path = workdir / "teacher"
-    if not (path / "config.json").is_file():
-        import torch
-
-        from engine.config import model_preset
-        from engine.models.checkpoint import save_weights
-        from engine.models.wan import WanModel
-
-        torch.manual_seed(0)
-        cfg = model_preset("toy")
-        model = WanModel(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.05)
-        save_weights(model, cfg, path)
-    return path
 
 
 def compare(row: dict) -> dict:

@@ -29,7 +29,7 @@ CUDA_CONTEXT_GB = 1.0
 """CUDA context, cuBLAS/NCCL workspaces: outside the allocator's statistics, a fixed reserve per GPU."""
 REUSE_DISTANCE = 1_000_000_000
 """DeepSpeed's default stage3_max_reuse_distance: a gathered parameter the recorded trace reuses within this many
-elements is not released, so up to this many elements per engine stay gathered between uses."""
+elements is not released, so up to this many elements of an engine can stay gathered between uses."""
 SUB_GROUP_SIZE = 1_000_000_000
 """DeepSpeed's default zero_optimization.sub_group_size: the optimizer steps this many elements at a time."""
 UMT5_XXL_PARAMS = 5.68e9
@@ -152,6 +152,8 @@ def nograd_forward_bytes(model: ModelConfig, tokens: int, batch: int, dtype_byte
 
 @dataclass
 class Layout:
+    """The hardware and parallel layout a config is planned on."""
+
     gpus: int
     sp: int = 1
     gpu_memory_gb: float = 80.0
@@ -278,6 +280,9 @@ def plan(cfg: RunConfig, layout: Layout) -> Plan:
         else:
             add(f"{role} grad partition", st["grad_partition"], f"{s} B/param")
             add(f"{role} fp32 master + Adam m, v", st["master_adam"], "12 B/param")
+    ema = getattr(cfg.method, "ema", None)  # method.ema (generator EMA): an fp32 copy of the rank's partition
+    if ema is not None and getattr(ema, "enabled", False):
+        add("generator EMA", FP32 * part, "fp32 copy of the partition")
     step_transient = st["step_fp32_grad"] + st["step_adam_temp"]
     # -- parameters gathered by ZeRO-3 and the reduce bucket ----------------------------------------------------------
     partitioned = pc.total - pc.persistent
@@ -388,7 +393,7 @@ def step_time(cfg: RunConfig, layout: Layout, latent: tuple[int, int, int], text
     fwd = dit_forward_flops(cfg.model, latent, text_len)
     per_sample = cycle_forwards(cfg)
     dp = layout.gpus // layout.sp
-    mb = cfg.optim.micro_batch_size
+    mb = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps  # samples per rank and trainer step
     recompute = 1 if cfg.model.gradient_checkpointing else 0
     flops = {k: v * fwd["total"] * mb for k, v in per_sample.items()}  # per SP group (one data-parallel rank)
     total = sum(flops.values())

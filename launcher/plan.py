@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from engine.config import ConfigError, load_config
-from engine.plan import Layout, fit, format_plan, plan
+from engine.plan import Layout, dtype_bytes_of, fit, format_plan, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_CONFIGS = {"1.3B": ROOT / "configs/wan2.1-1.3b-24gpu.yaml", "14B": ROOT / "configs/wan2.1-14b-24gpu.yaml"}
@@ -50,7 +50,14 @@ def layout_of(cfg, args, gpus: int, sp: int | None) -> Layout:
             raise ConfigError(f"option `{name}`: must be positive, got {value}")
     if args.mfu > 1:
         raise ConfigError(f"option `--mfu`: a utilization lies in (0, 1], got {args.mfu}")
-    return Layout(gpus=gpus, sp=sp, gpu_memory_gb=args.gpu_memory_gb, mfu=args.mfu, peak_tflops=peak)
+    return Layout(
+        gpus=gpus,
+        sp=sp,
+        gpu_memory_gb=args.gpu_memory_gb,
+        mfu=args.mfu,
+        peak_tflops=peak,
+        dtype_bytes=dtype_bytes_of(cfg),
+    )
 
 
 def report(cfg, layout: Layout) -> int:
