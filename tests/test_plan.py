@@ -125,9 +125,10 @@ def test_the_14b_recipe_plan_and_its_fix_are_consistent():
 
 
 def test_offload_and_checkpointing_lower_the_peak():
-    base = load_config(RECIPES["14b"], ["optim.global_batch_size=null", "model.gradient_checkpointing=false"])
+    on_device = ["optim.global_batch_size=null", "deepspeed.offload_optimizer=false"]
+    base = load_config(RECIPES["14b"], [*on_device, "model.gradient_checkpointing=false"])
     lay = Layout(gpus=24)
-    ckpt = load_config(RECIPES["14b"], ["optim.global_batch_size=null"])
+    ckpt = load_config(RECIPES["14b"], on_device)
     off = load_config(RECIPES["14b"], ["optim.global_batch_size=null", "deepspeed.offload_optimizer=true"])
     assert plan(ckpt, lay).peak < plan(base, lay).peak
     assert plan(off, lay).phases["resident"] < plan(ckpt, lay).phases["resident"]
