@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine import console
 from engine.config import ConfigError, load_config
 from engine.plan import Layout, dtype_bytes_of, fit, format_plan, plan
 
@@ -35,6 +36,7 @@ def parse(argv):
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed for the step time")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense TFLOP/s per GPU (logging.peak_tflops; 989)")
     p.add_argument("--table", action="store_true", help="print the markdown tables of docs/PERFORMANCE.md")
+    console.add_verbose_flag(p)
     p.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. data.height=720 deepspeed.offload_optimizer=true"
     )
@@ -113,6 +115,7 @@ def table(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    console.install(verbose=args.verbose)
     try:
         if args.table:
             return table(args)

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         from engine.distill.job import run_distillation
 
         summary = run_distillation(cfg)
+        from engine.train import dist
+
+        dist.shutdown()
     except ConfigError as exc:
         print(f"run: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -24,7 +23,9 @@ def init(timeout_minutes: int = 30) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))  # a lone process: any port nobody else holds
+    # no launcher: this process is the whole job and serves its own store; port 0 lets the kernel pick a free port
+    # when the store binds (a port chosen beforehand can be taken by another job in between)
+    os.environ.setdefault("MASTER_PORT", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -33,11 +34,13 @@ def init(timeout_minutes: int = 30) -> None:
         host_group()  # collective: created here, in the same order on every rank
 
 
-def free_port() -> int:
-    """A TCP port free on this host right now (the kernel picks it), for the store of a lone process."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a job (every rank): the communication threads stop before the
+    interpreter tears down, instead of being destroyed while still running."""
+    if dist.is_initialized():
+        if world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def rank() -> int:
