@@ -86,37 +86,47 @@ def row_block(n_cols: int, max_elems: int = 4096) -> tuple[int, int]:
 MAX_TILE_PER_THREAD = 64
 
 
-def tune_configs(constexprs: dict, tile: tuple = ()) -> list:
-    """The autotune configs worth timing for a launch whose register tile is the product of `tile` (constexpr names
-    and integer factors):
-    those whose threads hold at most MAX_TILE_PER_THREAD of its elements each (the widest config if none does)."""
+def _tile_elems(constexprs: dict, tile: tuple) -> int:
     elems = 1
     for factor in tile:  # constexpr names, and integers for tiles that hold several such tensors (x and dy, ...)
         elems *= factor if isinstance(factor, int) else int(constexprs[factor])
-    fit = [c for c in _WARP_CONFIGS if c.num_warps * 32 * MAX_TILE_PER_THREAD >= elems]
-    return fit or [_WARP_CONFIGS[-1]]
+    return elems
+
+
+def tune_configs(constexprs: dict, tile: tuple = (), max_warps: int = 16) -> list:
+    """The autotune configs worth timing for a launch whose register tile is the product of `tile` (constexpr names
+    and integer factors; or several such tiles, as a tuple of tuples, of which the largest counts):
+    those whose threads hold at most MAX_TILE_PER_THREAD of its elements each (the widest config if none does),
+    and at most `max_warps` warps (more threads cap each one's registers: 128 per thread at 16 warps)."""
+    tiles = tile if tile and isinstance(tile[0], tuple) else (tile,)
+    elems = max(_tile_elems(constexprs, t) for t in tiles)
+    allowed = [c for c in _WARP_CONFIGS if c.num_warps <= max_warps]
+    fit = [c for c in allowed if c.num_warps * 32 * MAX_TILE_PER_THREAD >= elems]
+    return fit or [allowed[-1]]
 
 
 @functools.cache
-def _autotuned(kernel, key: tuple[str, ...], tile: tuple):
+def _autotuned(kernel, key: tuple[str, ...], tile: tuple, max_warps: int):
     def prune(configs, named_args, **kwargs):
-        keep = {c.num_warps for c in tune_configs(kwargs, tile)}
+        keep = {c.num_warps for c in tune_configs(kwargs, tile, max_warps)}
         return [c for c in configs if c.num_warps in keep]
 
-    prune_by = {"early_config_prune": prune} if tile else None
+    prune_by = {"early_config_prune": prune} if tile or max_warps < 16 else None
     return triton.autotune(configs=list(_WARP_CONFIGS), key=list(key), prune_configs_by=prune_by)(kernel)
 
 
-def launch(kernel, grid, args: tuple, constexprs: dict, tune_key: tuple[str, ...], tile: tuple = ()) -> None:
+def launch(
+    kernel, grid, args: tuple, constexprs: dict, tune_key: tuple[str, ...], tile: tuple = (), max_warps: int = 16
+) -> None:
     """Launch `kernel[grid](*args, **constexprs)`: num_warps autotuned on the GPU (keyed on `tune_key` arguments and
     the dtypes), fixed under the interpreter, which ignores warps anyway.
 
     tile: the constexprs whose product is the program's largest register tile; configs with too few threads for it
-    are pruned before timing (tune_configs).
+    are pruned before timing (tune_configs), and so are configs of more than `max_warps` warps.
     Only num_warps is tuned, so the grid and every buffer size stay independent of the chosen config, and kernels
     that write partial sums may be re-run by the tuner safely (they overwrite, never accumulate).
     """
     if interpreting():
         kernel[grid](*args, **constexprs, num_warps=4)
     else:
-        _autotuned(kernel, tuple(tune_key), tuple(tile))[grid](*args, **constexprs)
+        _autotuned(kernel, tuple(tune_key), tuple(tile), max_warps)[grid](*args, **constexprs)

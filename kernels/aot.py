@@ -182,6 +182,7 @@ class Launch:
     tune_key: tuple | None
     options: dict
     tile: tuple = ()
+    max_warps: int = 16
 
 
 class _Recorder:
@@ -209,9 +210,9 @@ def record_launches():
 
     log: list[Launch] = []
 
-    def record(kernel, grid, args, constexprs, tune_key, tile=()):
+    def record(kernel, grid, args, constexprs, tune_key, tile=(), max_warps=16):
         kernel = kernel.kernel if isinstance(kernel, _Recorder) else kernel
-        log.append(Launch(kernel, tuple(grid), args, dict(constexprs), tuple(tune_key), {}, tuple(tile)))
+        log.append(Launch(kernel, tuple(grid), args, dict(constexprs), tuple(tune_key), {}, tuple(tile), max_warps))
 
     patched, real_launch = [], _dispatch.launch
     for mod_name, mod in list(sys.modules.items()):
@@ -241,7 +242,7 @@ def candidate_configs(launch: Launch) -> list[dict]:
 
     if launch.tune_key is None:
         return [{"num_warps": launch.options.get("num_warps", 4), "num_stages": launch.options.get("num_stages", 3)}]
-    configs = _dispatch.tune_configs(launch.constexprs, launch.tile)
+    configs = _dispatch.tune_configs(launch.constexprs, launch.tile, launch.max_warps)
     return [{"num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
 
 

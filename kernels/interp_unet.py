@@ -46,8 +46,11 @@ from kernels._dispatch import interpreting, launch, use_triton
 from kernels._rounding import store_rounded
 
 MAX_CHANNELS = 512  # output channels one tile holds (BLOCK_M 32 x 512 fp32 accumulators); the paper's widest level
-_TILE_ELEMS = 16384  # BLOCK_M x BLOCK_N accumulators per program: 128x128, 64x256, 32x512 (standard GEMM tiles)
-_A_TILE_ELEMS = 2048  # BLOCK_M x BLOCK_K inputs per tap and channel chunk
+# Register tiles per program, for 16-bit operands; fp32 operands (DOT_FP32, tf32 or ieee dots) take half of each, as
+# they take twice the registers. Larger tiles spill on sm_90 at every warp count (benchmarks/kernels/sm90_resources.md).
+_TILE_ELEMS = 16384  # BLOCK_M x BLOCK_N accumulators: 128x128, 64x256, 32x512 (standard GEMM tiles)
+_A_TILE_ELEMS = 2048  # BLOCK_M x BLOCK_K inputs per tap and channel chunk, with their int64 addresses and masks
+_B_TILE_ELEMS = 4096  # BLOCK_K x BLOCK_N weights per tap and channel chunk
 # Under the interpreter a tl op costs about the same Python overhead whatever the tile size, so larger tiles run faster
 # (measured 1.4 s -> 0.37 s for a (10, 8, 15, 26) conv at BLOCK_M 128 -> 512). 256 still cuts the tests' 15 x 26
 # images into two tiles, one partial, so tile offsets and pixel masks are exercised. None: the GPU's tiles.
@@ -244,16 +247,30 @@ def _interp_head_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------ launchers ---
-def _blocks(c_in: int, c_out: int) -> dict:
-    """Tile sizes: all c_out channels (padded to a power of two >= 16, tl.dot's minimum) x BLOCK_M pixels."""
+def _blocks(c_in: int, c_out: int, dtype: torch.dtype, pool: bool = False) -> dict:
+    """Tile sizes: all c_out channels (padded to a power of two >= 16, tl.dot's minimum) x BLOCK_M pixels, the
+    channel chunk BLOCK_K within the input and weight tile budgets (halved for fp32 operands on a GPU, and the input
+    tile's again for a pooled load, which reads four pixels for each)."""
+    div = 2 if dtype == torch.float32 and not interpreting() else 1
+    a_tile = _A_TILE_ELEMS // div // (2 if pool else 1)
     block_n = max(16, triton.next_power_of_2(c_out))
-    block_m = max(16, min(128, _TILE_ELEMS // block_n))
-    # The (BLOCK_M, BLOCK_K) input tile of a tap, with its int64 addresses and masks, at most 2048 elements: the
-    # 128 x 32 tile spilled on sm_90 at every warp count (benchmarks/kernels/sm90_resources.md), 128 x 16 does not.
-    block_k = max(16, min(32, triton.next_power_of_2(c_in), _A_TILE_ELEMS // block_m))
+    block_m = max(16, min(128, _TILE_ELEMS // div // block_n, a_tile // 16))
+    # 128 x 32 inputs spilled at every warp count, 128 x 16 does not (pooled: 64 x 16); 32 x 512 weights spilled too.
+    block_k = max(16, min(32, triton.next_power_of_2(c_in), a_tile // block_m, _B_TILE_ELEMS // div // block_n))
     if interpreting() and _INTERPRETER_BLOCK_M:
         block_m = _INTERPRETER_BLOCK_M
     return {"BLOCK_M": block_m, "BLOCK_K": block_k, "BLOCK_N": block_n}
+
+
+def _tuning(consts: dict) -> dict:
+    """What the autotuner may try for a convolution tile (kernels/_dispatch.py tune_configs): the accumulators and
+    the input tile (its int64 addresses and masks take 8 registers an element) within 64 registers a thread, so 4
+    warps are not tried for a 128 x 16 input tile (nor a pooled 64 x 16 one); with fp32 operands on a GPU twice that,
+    and at most 8 warps (at 16 the 128-register cap spills the pooled loads)."""
+    fp32 = consts["DOT_FP32"] and not interpreting()
+    f = 2 if fp32 else 1
+    a = 8 * f * (2 if consts.get("POOL") else 1)  # a pooled input element is four loads and their addresses
+    return {"tile": (("BLOCK_M", "BLOCK_N", f), ("BLOCK_M", "BLOCK_K", a)), "max_warps": 8 if fp32 else 16}
 
 
 def _dot_mode(dtype: torch.dtype) -> dict:
@@ -292,7 +309,7 @@ def _conv_forward(x, weight, bias, ln_weight, ln_bias, eps, skip, pool, pairs_of
     c_s = skip.shape[1] if skip is not None else 0
     c_out = weight.shape[0]
     y = torch.empty(n, c_out, h, w, device=x.device, dtype=x.dtype)
-    blocks = _blocks(max(c_x, c_s), c_out)
+    blocks = _blocks(max(c_x, c_s), c_out, x.dtype, pool)
     grid = (triton.cdiv(h * w, blocks["BLOCK_M"]), n)
     args = (*src_x, c_x, h_x, w_x, *src_s, c_s, _taps(weight), bias, ln_weight, ln_bias, y, h, w, c_out, eps)
     consts = {**blocks, "POOL": pool, "HAS_SKIP": skip is not None, **_dot_mode(x.dtype)}
@@ -302,7 +319,7 @@ def _conv_forward(x, weight, bias, ln_weight, ln_bias, eps, skip, pool, pairs_of
         args,
         consts,
         tune_key=("c_x", "c_s", "c_out", "width"),
-        tile=("BLOCK_M", "BLOCK_N"),
+        **_tuning(consts),
     )
     return y
 
@@ -312,12 +329,12 @@ def _head_forward(x, weight, bias, ln_weight, ln_bias, eps, out_weight, out_bias
     n, c_x = x.shape[:2]
     out = torch.empty(bsz, c, 2 * f - 1, h, w, device=x.device, dtype=latents.dtype)
     w_out = out_weight.reshape(c, c_x).t().contiguous()  # (c1, C): the 1x1 conv as a right-hand GEMM operand
-    blocks = _blocks(c_x, c_x)
+    blocks = _blocks(c_x, c_x, x.dtype)
     grid = (triton.cdiv(h * w, blocks["BLOCK_M"]), n)
     args = (x, *x.stride(), c_x, _taps(weight), bias, ln_weight, ln_bias, w_out, out_bias, latents, *latents.stride(),
             out, *out.stride()[:3], f - 1, h, w, c, eps)  # fmt: skip
     consts = {**blocks, "BLOCK_C": max(16, triton.next_power_of_2(c)), "RESIDUAL": residual, **_dot_mode(x.dtype)}
-    launch(_interp_head_kernel, grid, args, consts, tune_key=("c_x", "c_lat", "width"), tile=("BLOCK_M", "BLOCK_N"))
+    launch(_interp_head_kernel, grid, args, consts, tune_key=("c_x", "c_lat", "width"), **_tuning(consts))
     return out
 
 

@@ -3,7 +3,7 @@
 Run as a script, with TRITON_INTERPRET unset (the interpreter replaces @triton.jit; tests/kernels/test_aot_sm90.py
 starts this in a subprocess for that reason):
 
-    python tests/kernels/aot_sm90_worker.py [--matrix default|full] [--all-configs] [--json OUT]
+    python tests/kernels/aot_sm90_worker.py [--matrix default|full] [--all-configs] [--only CASE ...] [--json OUT]
 
 Each case runs the project's own launcher (the `_forward` / `_backward` of a kernels/ module, or the U-Net walk of
 engine.models.interp_unet.fused_interpolate) on meta tensors, records its launches and compiles each one for every
@@ -151,9 +151,11 @@ def _launch_label(launch: aot.Launch) -> dict:
     return {"kernel": launch.kernel.__name__, "constexprs": consts}
 
 
-def run(matrix: str, every_config: bool):
+def run(matrix: str, every_config: bool, only: tuple[str, ...] = ()):
     seen = set()
     for case, dtype, shape, thunk in cases(matrix):
+        if only and case not in only:
+            continue
         with aot.record_launches() as launches:
             try:
                 thunk()
@@ -190,10 +192,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--matrix", choices=("default", "full"), default="default")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not only the unpruned ones")
+    parser.add_argument("--only", nargs="+", default=(), help="these cases (kernel modules) only, e.g. interp_unet")
     parser.add_argument("--json", type=Path, help="write the rows here (JSON list) instead of one per line to stdout")
     args = parser.parse_args(argv)
     rows = []
-    for row in run(args.matrix, args.all_configs):
+    for row in run(args.matrix, args.all_configs, tuple(args.only)):
         rows.append(row)
         if args.json is None:
             print(json.dumps(row), flush=True)
