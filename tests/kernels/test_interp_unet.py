@@ -79,10 +79,10 @@ def test_conv_norm_act_wide(check_close, c_out, dtype):
 
 @pytest.mark.parametrize("c_out", [20, 300])
 def test_conv_norm_act_gpu_tiles(check_close, monkeypatch, c_out):
-    """The GPU's tile sizes run under the interpreter too: BLOCK_M 128 (20 channels: 4 tiles of a 15 x 26 image) and
-    32 (300 channels in a 512 tile: 13 tiles), pooled on load."""
+    """The GPU's tile sizes run under the interpreter too, pooled on load: BLOCK_M 64 (20 channels: 7 tiles of a
+    15 x 26 image) and 32 (300 channels in a 512 tile: 13 tiles)."""
     monkeypatch.setattr(ki, "_INTERPRETER_BLOCK_M", None)
-    assert ki._blocks(16, c_out, torch.bfloat16)["BLOCK_M"] == (128 if c_out == 20 else 32)
+    assert ki._blocks(16, c_out, torch.bfloat16, pool=True)["BLOCK_M"] == (64 if c_out == 20 else 32)
     x, params = torch.randn(1, 16, 29, 52), _params(16, c_out, torch.float32)
     _compare(check_close, ki.conv_norm_act, ki.conv_norm_act_reference, (x, *params), torch.float32, eps=EPS, pool=True)
 
