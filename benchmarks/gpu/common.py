@@ -27,6 +27,10 @@ for _p in (ROOT, ROOT / "benchmarks", ROOT / "benchmarks" / "kernels"):
 
 import torch  # noqa: E402
 
+from engine import console  # noqa: E402
+
+console.install()  # the launchers' filter of known library noise (VIDISTILL_VERBOSE=1 shows it)
+
 STAGES = ("gpu_tests", "kernels", "dit", "distill", "vif")
 # Wan2.1 1.3B at 832x480x81: latent (16, 21, 60, 104), patch (1, 2, 2) -> 32,760 tokens; umT5 context 512 x 4096.
 LATENT = (16, 21, 60, 104)
