@@ -27,12 +27,17 @@ OVERRIDES = [
 ]
 
 
+# The same float operations in the same order on every x86 CPU: one thread, MKL's SSE2 code path whatever the CPU
+# (its AVX2/AVX-512 kernels sum in other orders, and differ between Intel and AMD), ATen's scalar kernels.
+PORTABLE = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default"}
+
+
 def run_worker(tmp_path: Path) -> dict:
     out = tmp_path / "losses.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     cmd += [str(HERE / "golden_worker.py"), str(out), f"toy.cache_dir={tmp_path / 'cache'}"]
     cmd += [f"logging.run_dir={tmp_path / 'run'}", *OVERRIDES]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **PORTABLE}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {f"rank{r}": json.loads(out.with_name(f"losses.rank{r}.json").read_text()) for r in (0, 1)}
