@@ -294,11 +294,12 @@ class OptimConfig:
     max_grad_norm: float = 10.0
     """Gradient clipping by global norm."""
     micro_batch_size: int = 1
-    """Samples per GPU per forward."""
+    """Samples per GPU per forward (per sequence-parallel group, which splits their tokens)."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer update (each step's updates run over that many micro-batches)."""
     global_batch_size: Optional[int] = None
-    """If set, must equal micro_batch_size x grad_accum_steps x world size (checked at launch)."""
+    """If set, must equal micro_batch_size x grad_accum_steps x data-parallel ranks (world size /
+    parallel.sequence_parallel; checked at launch)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up: each role's update n runs at lr * min(1, (n + 1) / warmup_steps)."""
 

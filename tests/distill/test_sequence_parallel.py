@@ -136,3 +136,29 @@ def test_a_degree_that_does_not_divide_the_world_or_the_heads_is_one_config_erro
     check_world_size(cfg, 4)  # 4 per micro-batch x 2 data-parallel ranks
     with pytest.raises(ConfigError, match=r"`optim.global_batch_size`: 8 != .* x 1 data-parallel ranks"):
         check_world_size(cfg, 2)
+
+
+@pytest.mark.slow
+def test_sp2_over_two_data_parallel_groups_equals_plain_data_parallelism(tmp_path, cache):
+    """4 ranks as 2 sequence-parallel groups of 2 vs 2 ranks without: the data-parallel groups ({0, 2}, {1, 3}) read
+    and reduce what the 2 plain ranks do, and the weights and sample videos agree."""
+    proc, four = launch(tmp_path, cache, "sp2x2", nproc=4, sp=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc, two = launch(tmp_path, cache, "dp2", nproc=2, sp=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank, data_rank in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        a, b = result(four, rank), result(two, data_rank)
+        assert a["layout"] == {"sp": 2, "data_rank": data_rank, "data_world": 2}
+        assert a["batches"] == b["batches"]
+        for ra, rb in zip(a["rows"], b["rows"], strict=True):
+            for key in ra:
+                if key == "reg_ema":
+                    assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7)
+                elif key != "step":
+                    assert _rel(ra[key], rb[key]) <= 1e-5, (rank, ra["step"], key, ra[key], rb[key])
+    assert result(two, 0)["batches"] != result(two, 1)["batches"]  # the two data-parallel ranks read other samples
+    a, b = torch.load(four / "out" / "final.pt"), torch.load(two / "out" / "final.pt")
+    for role in ("generator", "critic"):
+        assert max(float((a[role][k] - b[role][k]).abs().max()) for k in a[role]) <= 5e-5, role
+    samples = torch.load(four / "out" / "samples.pt"), torch.load(two / "out" / "samples.pt")
+    assert float((samples[0] - samples[1]).abs().max()) <= 5e-4
