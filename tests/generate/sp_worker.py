@@ -1,10 +1,11 @@
 """Worker of the sequence-parallel generation test (tests/generate/test_generate_sp.py), under torchrun.
 
-    torchrun --nproc_per_node 2 tests/generate/sp_worker.py OUT.json DEPLOY TEACHER [overrides of configs/toy.yaml]
+    torchrun --nproc_per_node 2 tests/generate/sp_worker.py OUT.json DEPLOY TEACHER CLI_OUT [overrides of toy.yaml]
 
 For the student, VIF and teacher samplers every rank generates the same videos with the DiT split over the ranks (as
 one batch, and one video per batch), then again with the whole DiT on its own; rank 0 writes how far apart the
-latents are and whether the ranks agree.
+latents are and whether the ranks agree. Then the ranks run the generation CLI (launcher/generate.py's ``main``, as
+``torchrun ... launcher/generate.py`` does) with ``CLI_ARGS`` into CLI_OUT.
 """
 
 import json
@@ -17,14 +18,17 @@ from engine.config import load_config
 from engine.generate import GenerateSettings, Generator, plan_generation
 from engine.train import dist
 from engine.train.timer import PhaseTimer
+from launcher import generate as generate_cli
 
 TOY = Path(__file__).resolve().parents[2] / "configs" / "toy.yaml"
 PROMPTS = ["a red circle moves left", "a blue square moves up"]
 SEEDS = [3, 4]
+CLI_ARGS = ["--sampler", "vif", "--prompt", "a red circle", "--prompt", "a blue square moves up", "--seed", "1"]
+CLI_ARGS += ["--batch", "1", "--no-progress"]
 
 
 def main() -> None:
-    out, deploy, teacher, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    out, deploy, teacher, cli_out, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
     cfg = load_config(TOY, overrides)
     report = {}
     for sampler in ("student", "vif", "teacher"):
@@ -55,7 +59,8 @@ def main() -> None:
         report[sampler]["writers"] = dist.all_gather_object(gen.writes)
     if dist.is_main():
         out.write_text(json.dumps(report, indent=1))
-    dist.shutdown()
+    cli = ["--config", str(TOY), "--student", deploy, "--out", cli_out, *CLI_ARGS, *overrides]
+    sys.exit(generate_cli.main(cli))  # collective; it leaves the process group at the end
 
 
 if __name__ == "__main__":

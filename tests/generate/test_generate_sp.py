@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from engine.generate import GenerateError, GenerateSettings, plan_generation
-from tests.generate.conftest import ROOT, TOY_YAML, toy_config
+from tests.generate.conftest import ROOT, toy_config
+from tests.generate.sp_worker import CLI_ARGS
 from tests.generate.test_generate import frames, run_cli, sidecar
 
 pytestmark = pytest.mark.distributed
@@ -31,13 +32,19 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_every_sampler_gives_the_whole_dits_latents(tmp_path, deploy, trained):
-    out = tmp_path / "report.json"
-    proc = torchrun(
-        str(Path(__file__).with_name("sp_worker.py")), str(out), str(deploy), str(trained["teacher"]), *SIZE
-    )
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, deploy, trained):
+    """One 2-rank launch: the library check (tests/generate/sp_worker.py), then the CLI into ``two/``."""
+    root = tmp_path_factory.mktemp("sp")
+    out = root / "report.json"
+    worker = str(Path(__file__).with_name("sp_worker.py"))
+    proc = torchrun(worker, str(out), str(deploy), str(trained["teacher"]), str(root / "two"), *SIZE)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    return root, json.loads(out.read_text()), proc.stdout
+
+
+def test_every_sampler_gives_the_whole_dits_latents(launched):
+    _, report, _ = launched
     for sampler in ("student", "vif", "teacher"):
         r = report[sampler]
         assert (r["ranks"], r["sequence_parallel"]) == (2, 2)  # parallel.sequence_parallel 1: all the ranks
@@ -45,29 +52,16 @@ def test_every_sampler_gives_the_whole_dits_latents(tmp_path, deploy, trained):
         assert r["scale"] > 0.5 and max(r["diff"], r["one_by_one_diff"]) <= 1e-5 * r["scale"], (sampler, r)
 
 
-def test_the_two_rank_cli_writes_what_one_process_writes(tmp_path, deploy):
-    args = [
-        "--student",
-        str(deploy),
-        "--sampler",
-        "vif",
-        "--prompt",
-        "a red circle",
-        "--prompt",
-        "a blue square moves up",
-    ]
-    args += ["--seed", "1", "--batch", "1", "--no-progress"]
-    cli = str(ROOT / "launcher" / "generate.py")
-    proc = torchrun(cli, "--config", str(TOY_YAML), "--out", str(tmp_path / "two"), *args, *SIZE)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    printed = [line for line in proc.stdout.splitlines() if line.endswith(".mp4")]
+def test_the_two_rank_cli_writes_what_one_process_writes(tmp_path, launched, deploy):
+    root, _, stdout = launched
+    printed = [line for line in stdout.splitlines() if line.endswith(".mp4")]
     assert len(printed) == 2  # rank 0 prints, once
-    assert run_cli(tmp_path / "one", *args, *SIZE) == 0
+    assert run_cli(tmp_path / "one", "--student", str(deploy), *CLI_ARGS, *SIZE) == 0
     names = sorted(p.name for p in (tmp_path / "one").glob("*.mp4"))
-    assert len(names) == 2 and names == sorted(p.name for p in (tmp_path / "two").glob("*.mp4"))
+    assert len(names) == 2 and names == sorted(p.name for p in (root / "two").glob("*.mp4"))
     assert sorted(Path(line).name for line in printed) == names
     for name in names:
-        a, b = tmp_path / "one" / name, tmp_path / "two" / name
+        a, b = tmp_path / "one" / name, root / "two" / name
         fa, fb = frames(a).astype(np.int16), frames(b).astype(np.int16)
         # The decoded videos are bitwise equal (the previous test's latents; checked by hand on these runs too), but
         # libx264 under two busy ranks does not encode them bit for bit alike every time: P-frames differ by 0.1-0.5
