@@ -487,7 +487,8 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"{c.model.preset or 'model'}: {p.params.total / 1e9:.2f}B params per role; {c.data.num_frames}x{c.data.height}"
         f"x{c.data.width} -> {p.tokens:,} tokens ({math.ceil(p.tokens / lay.sp):,} per rank at SP {lay.sp}); "
-        f"{lay.gpus} GPUs of {lay.gpu_memory_gb:g} GB, ZeRO-3 over {lay.gpus} ranks, {lay.gpus // lay.sp} data-parallel",
+        f"{lay.gpus} GPUs of {lay.gpu_memory_gb:g} GB, ZeRO-3 over {lay.gpus} ranks, "
+        f"{lay.gpus // lay.sp} data-parallel",
         f"{'per GPU':<44}{'GB':>8}  note",
     ]
     for name, value, note in p.rows:
