@@ -294,11 +294,12 @@ class OptimConfig:
     max_grad_norm: float = 10.0
     """Gradient clipping by global norm."""
     micro_batch_size: int = 1
-    """Samples per GPU per forward."""
+    """Samples per GPU per forward (per sequence-parallel group, which splits their tokens)."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer update (each step's updates run over that many micro-batches)."""
     global_batch_size: Optional[int] = None
-    """If set, must equal micro_batch_size x grad_accum_steps x world size (checked at launch)."""
+    """If set, must equal micro_batch_size x grad_accum_steps x data-parallel ranks (world size /
+    parallel.sequence_parallel; checked at launch)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up: each role's update n runs at lr * min(1, (n + 1) / warmup_steps)."""
 
@@ -323,6 +324,16 @@ class DeepSpeedConfig:
     """Parameters smaller than this stay unpartitioned (stage3_param_persistence_threshold)."""
     max_live_parameters: int = 1_000_000_000
     """Gathered parameters kept alive at once (stage3_max_live_parameters)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks share the work beyond data parallelism (docs/architecture.md#sequence-parallelism)."""
+
+    sequence_parallel: int = 1
+    """Ulysses sequence parallelism: groups of this many ranks split every sample's tokens (all three roles); must
+    divide the world size and model.num_heads. ZeRO-3 still partitions over every rank; the data-parallel ranks
+    (which read different samples) are world size / this."""
 
 
 @dataclass
@@ -553,6 +564,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -892,6 +904,30 @@ def _validate_data(d: DataConfig, vae: VAEConfig, model: ModelConfig) -> None:
     _require(vae.tile_size % vae.spatial_stride == 0, "vae.tile_size", f"must be a multiple of {vae.spatial_stride}")
 
 
+def _validate_parallel(p: ParallelConfig, model: ModelConfig) -> None:
+    sp, heads = p.sequence_parallel, model.num_heads
+    _require(sp >= 1, "parallel.sequence_parallel", f"must be >= 1, got {sp}")
+    ok = [k for k in range(1, heads + 1) if heads % k == 0]
+    _require(
+        heads % sp == 0,
+        "parallel.sequence_parallel",
+        f"{sp} does not divide model.num_heads={heads} (each rank of a group attends over whole heads); "
+        f"values that divide it: {ok}",
+    )
+
+
+def check_sequence_parallel(cfg: RunConfig, world_size: int) -> None:
+    """At launch, once the world size is known: the sequence-parallel degree must divide it."""
+    sp = cfg.parallel.sequence_parallel
+    if world_size % sp:
+        heads = cfg.model.num_heads
+        ok = [k for k in range(1, world_size + 1) if world_size % k == 0 and heads % k == 0]
+        raise ConfigError(
+            f"config key `parallel.sequence_parallel`: {sp} does not divide the world size {world_size}; values that "
+            f"divide it and model.num_heads={heads}: {ok}"
+        )
+
+
 def _validate_optim(o: OptimConfig) -> None:
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _require(o.critic_lr > 0, "optim.critic_lr", f"must be positive, got {o.critic_lr}")
@@ -967,6 +1003,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_method(cfg.method)
     _validate_data(cfg.data, cfg.vae, cfg.model)
     _validate_optim(cfg.optim)
+    _validate_parallel(cfg.parallel, cfg.model)
     _validate_run(cfg)
     _validate_toy(cfg)
     _validate_sources(cfg)

@@ -12,6 +12,11 @@ Order of work: ``plan_generation`` runs every check that needs only sizes (promp
 and of the interpolator, the latent frame count, the world) before any weight is read; ``Generator`` then loads the
 text encoder, the codec, the DiT and the interpolator once and generates batch after batch.
 
+Several ranks: ``torchrun --nproc_per_node N launcher/generate.py ...`` splits every video's tokens over groups of
+``parallel.sequence_parallel`` ranks (Ulysses sequence parallelism; 1, the default, means all N ranks in one group);
+several groups take the batches in turn. Every rank loads the whole DiT; the first rank of each group writes its
+group's files.
+
 Determinism: every random draw of a video (its initial noise and each re-noise of the student schedule) comes from its
 own CPU generator seeded with its seed, so a (prompt, seed) pair gives the same video whatever batch it lands in. The
 library samplers (``sample_student``, ``sample_vif``) draw a whole batch from one generator; the rollouts below are the
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +54,9 @@ from engine.models.interp_unet import (
     load_interpolator,
     read_interpolator_config,
 )
+from engine.models.sequence_parallel import SequenceParallel
 from engine.models.wan import WanModel, build_model
+from engine.train import dist
 from engine.train.timer import PhaseTimer
 from engine.worlds import VIEW_SCALE, build_world, kind_of, world_latent_shape
 from kernels._dispatch import kernel_mode
@@ -134,6 +142,8 @@ class Plan:
     interpolator: Optional[Path]
     latent_shape: tuple[int, int, int, int]  # (C, F, H, W)
     view_scale: int
+    ranks: int = 1  # processes of the launch (torchrun's WORLD_SIZE)
+    sequence_parallel: int = 1  # ranks that split each video's tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -283,7 +293,26 @@ def plan_generation(cfg: RunConfig, settings: GenerateSettings) -> Plan:
         except ValueError as exc:  # InterpolatorError included
             raise GenerateError(f"--sampler vif with data.num_frames={cfg.data.num_frames}: {exc}") from exc
     scale = settings.view_scale or VIEW_SCALE[world]
-    return Plan(cfg, settings, world, jobs, model, interpolator, shape, scale)
+    ranks, sp = launch_layout(cfg, model.cfg)
+    return Plan(cfg, settings, world, jobs, model, interpolator, shape, scale, ranks, sp)
+
+
+def launch_layout(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[int, int]:
+    """(ranks of the launch, sequence-parallel degree): alone 1 and 1; under torchrun WORLD_SIZE and
+    ``parallel.sequence_parallel``, or all the ranks when it is 1. The degree must divide the ranks and the DiT's
+    heads."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks <= 1:
+        return 1, 1
+    sp = cfg.parallel.sequence_parallel if cfg.parallel.sequence_parallel > 1 else ranks
+    heads = model_cfg.num_heads
+    if ranks % sp or heads % sp:
+        ok = [k for k in range(1, ranks + 1) if ranks % k == 0 and heads % k == 0]
+        raise GenerateError(
+            f"config key `parallel.sequence_parallel`: {sp} ranks per video (1 = all {ranks}) must divide the {ranks} "
+            f"ranks and the DiT's {heads} heads; set one of {ok}"
+        )
+    return ranks, sp
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -326,6 +355,9 @@ class Generator:
     def __init__(self, plan: Plan, device: str | torch.device | None = None):
         self.plan, cfg = plan, plan.cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if plan.ranks > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = dist.device()  # this rank's GPU (LOCAL_RANK)
+        self.writes = dist.is_data_leader()  # one rank per sequence-parallel group writes its videos
         self.dtype = resolve_dtype(cfg, cuda=self.device.type == "cuda")
         try:
             self.world = build_world(cfg, self.device)
@@ -351,6 +383,7 @@ class Generator:
                 self.interpolator = load_interpolator(plan.interpolator, mc.in_dim, self.device)
         except SafetensorError as exc:  # a truncated or corrupt file: name it instead of a bare header error
             raise CheckpointError(f"cannot read weights ({plan.model.path}, {plan.interpolator}): {exc}") from exc
+        self.model.set_sequence_parallel(SequenceParallel.of_layout(dist.sequence_layout()))
         d = cfg.diffusion
         self.schedule = FlowSchedule(d.num_train_timesteps, d.shift)
 
@@ -377,11 +410,14 @@ class Generator:
 
     @torch.no_grad()
     def run(self, jobs: list[Job]) -> list[dict]:
-        """Generate and write one batch; returns the sidecars."""
+        """Generate and write one batch; returns the sidecars (none on the ranks of a sequence-parallel group that
+        do not write: every rank of the group generates the batch, the first decodes and writes it)."""
         clock = PhaseTimer(sync=self.device.type == "cuda")
         with clock("text_encode"):
             context = self.world.encode_text([j.prompt for j in jobs]).to(self.device)  # (B, L, D)
         latents = self.latents(context, [j.seed for j in jobs], clock)
+        if not self.writes:
+            return []
         with clock("decode"):
             videos = self.world.decode(latents)  # (B, 3, T, H, W) in [-1, 1]
         with clock("write"):
@@ -432,6 +468,7 @@ class Generator:
             "view_scale": plan.view_scale,
             "tokens_per_step": tokens_per_step(plan),
             "device": str(self.device),
+            "sequence_parallel": plan.sequence_parallel,
             "dtype": str(self.dtype).removeprefix("torch."),
             "kernels": "triton" if triton else "reference",
             "timings": timings,
@@ -452,13 +489,25 @@ def tokens_per_step(plan: Plan) -> list[int]:
 
 
 def generate(cfg: RunConfig, settings: GenerateSettings) -> list[dict]:
-    """Check, load once, generate every (prompt, seed) in batches; returns the sidecars in request order."""
+    """Check, load once, generate every (prompt, seed) in batches; returns the sidecars in request order (on every
+    rank of a launch on several ranks, whose sequence-parallel groups take the batches in turn)."""
     plan = plan_generation(cfg, settings)
+    if plan.ranks > 1:
+        dist.init()
+        dist.init_sequence_parallel(plan.sequence_parallel)
+    main = dist.is_main()
     generator = Generator(plan, settings.device)
     size = settings.batch_size
     batches = [plan.jobs[i : i + size] for i in range(0, len(plan.jobs), size)]
+    mine = batches[dist.data_rank() :: dist.data_world_size()]
     infos = []
-    for batch in progress(batches, desc="generate", unit="batch", disable=not settings.progress):
+    for batch in progress(mine, desc="generate", unit="batch", disable=not settings.progress or not main):
         infos.extend(generator.run(batch))
-    log.info("wrote %d videos to %s", len(infos), settings.out_dir)
+    if plan.ranks > 1:  # every group's sidecars, in request order
+        order = {(j.index, j.seed): n for n, j in enumerate(plan.jobs)}
+        gathered = [i for part in dist.all_gather_object(infos) for i in part]
+        infos = sorted(gathered, key=lambda i: order[i["index"], i["seed"]])
+        dist.shutdown()
+    if main:
+        log.info("wrote %d videos to %s", len(infos), settings.out_dir)
     return infos

@@ -261,7 +261,9 @@ def plan(cfg: RunConfig, layout: Layout) -> Plan:
     check_layout(cfg, layout.gpus, layout.sp)
     m, ds, o = cfg.model, cfg.deepspeed, cfg.optim
     s = layout.dtype_bytes
-    zero = layout.gpus // layout.sp if ds.zero_stage == 3 else 1  # ZeRO partitions over the data-parallel group
+    # ZeRO-3 partitions over every GPU, sequence parallelism or not (engine/distill/roles.py: a sequence-parallel
+    # group's ranks hold different shares of one gradient, which ZeRO reduces together)
+    zero = layout.gpus if ds.zero_stage == 3 else 1
     pc = count_params(m, ds.param_persistence_threshold if ds.zero_stage == 3 else 0)
     part = math.ceil(pc.total / zero)  # partition of every parameter (persistent ones included) for grads/optimizer
     rows: list[tuple[str, float, str]] = []
@@ -485,7 +487,8 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"{c.model.preset or 'model'}: {p.params.total / 1e9:.2f}B params per role; {c.data.num_frames}x{c.data.height}"
         f"x{c.data.width} -> {p.tokens:,} tokens ({math.ceil(p.tokens / lay.sp):,} per rank at SP {lay.sp}); "
-        f"{lay.gpus} GPUs of {lay.gpu_memory_gb:g} GB, ZeRO-3 over {lay.gpus // lay.sp} ranks",
+        f"{lay.gpus} GPUs of {lay.gpu_memory_gb:g} GB, ZeRO-3 over {lay.gpus} ranks, "
+        f"{lay.gpus // lay.sp} data-parallel",
         f"{'per GPU':<44}{'GB':>8}  note",
     ]
     for name, value, note in p.rows:

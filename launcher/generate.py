@@ -5,12 +5,16 @@
     python launcher/generate.py --config configs/wan2.1-1.3b-24gpu.yaml --student deploy/ --sampler vif \
         --prompts prompts.txt --batch 4 --out videos/
     python launcher/generate.py --config configs/toy.yaml --sampler teacher --steps 50 --prompt "..." --out teacher/
+    torchrun --nproc_per_node 8 launcher/generate.py --config configs/wan2.1-14b-24gpu.yaml --student deploy/ \
+        --prompts prompts.txt --out videos/                  # each video's tokens split over the 8 GPUs
 
 Writes <out>/<index>_<slug>_seed<k>.mp4 (H.264 at data.fps; toy clips repeated 4x for viewing) and a .json sidecar
 beside each (prompt, seed, sampler, timesteps, half-rate steps, RoPE positions, model paths, timings, tokens per step).
 The world (toy codec + text, or Wan VAE + umT5 from local paths) and the clip size come from the run config.
 --sampler vif finds <deploy>/interpolator next to the student unless --interpolator is given (launcher/export.py puts
-one there). The same prompt and seed give the same video whatever the batch. Fused Triton kernels run on CUDA
+one there). The same prompt and seed give the same video whatever the batch. Under torchrun the ranks split each
+video's tokens (Ulysses sequence parallelism) in groups of parallel.sequence_parallel ranks (1, the default: all of
+them); several groups take the batches in turn, and rank 0 prints. Fused Triton kernels run on CUDA
 (model.fused_kernels). Every input check runs before any weight is read. Trailing key=value arguments override the
 run config (after a list option such as --seeds, separate them with --: `--seeds 0 1 -- diffusion.shift=3`).
 """
@@ -18,6 +22,7 @@ run config (after a list option such as --seeds, separate them with --: `--seeds
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from engine import console
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, GenerateError, CheckpointError, InterpolatorError, FileNotFoundError) as exc:
         print(f"generate: error: {exc}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 speaks for the launch
+        return 0
     for info in infos:
         print(info["video"])
     sampling = sum(i["timings"].get("sampling_s", 0.0) / i["timings"]["batch_videos"] for i in infos)

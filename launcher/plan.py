@@ -45,7 +45,7 @@ def parse(argv):
 
 def layout_of(cfg, args, gpus: int, sp: int | None) -> Layout:
     if sp is None:
-        sp = getattr(getattr(cfg, "parallel", None), "sequence_parallel", 1) or 1
+        sp = cfg.parallel.sequence_parallel
     peak = args.peak_tflops if args.peak_tflops is not None else (cfg.logging.peak_tflops or 989.0)
     for name, value in (("--mfu", args.mfu), ("--gpu-memory-gb", args.gpu_memory_gb), ("--peak-tflops", peak)):
         if not value > 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, RunConfig, resolve_dtype, save_config
+from engine.config import ConfigError, RunConfig, check_sequence_parallel, resolve_dtype, save_config
 from engine.deploy import export_interpolator, interpolator_dir
 from engine.distill.export import export_diffusers
 from engine.distill.method import DMDMethod
@@ -37,13 +37,19 @@ def training_world(cfg: RunConfig, device: torch.device) -> World:
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
-    """The batch arithmetic must close: global = micro x accumulation x ranks."""
-    o = cfg.optim
-    per_step = o.micro_batch_size * o.grad_accum_steps * world_size
+    """The layout must close: the sequence-parallel degree divides the world, and global = micro x accumulation x
+    data-parallel ranks (world size / sequence-parallel degree: a group's ranks share their samples)."""
+    check_sequence_parallel(cfg, world_size)
+    o, sp = cfg.optim, cfg.parallel.sequence_parallel
+    data = world_size // sp
+    per_step = o.micro_batch_size * o.grad_accum_steps * data
     if o.global_batch_size is not None and o.global_batch_size != per_step:
+        ranks = f"world size {world_size}"
+        if sp > 1:
+            ranks = f"{data} data-parallel ranks ({ranks} / parallel.sequence_parallel {sp})"
         raise ConfigError(
             f"config key `optim.global_batch_size`: {o.global_batch_size} != micro_batch_size {o.micro_batch_size}"
-            f" x grad_accum_steps {o.grad_accum_steps} x world size {world_size} = {per_step}"
+            f" x grad_accum_steps {o.grad_accum_steps} x {ranks} = {per_step}"
         )
 
 
@@ -92,13 +98,14 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
     model_cfg = resolve_model_config(cfg)  # fails on a bad checkpoint path or architecture before anything is built
     interp = configured_interpolator(cfg, model_cfg.in_dim)
     teacher_id = weights_fingerprint(cfg.model.checkpoint) if cfg.model.checkpoint else None
-    ckpt.check_teacher(
-        Path(cfg.logging.run_dir) / "checkpoints", cfg.checkpoint.resume, teacher_id, cfg.model.checkpoint
-    )
+    ckpts = Path(cfg.logging.run_dir) / "checkpoints"
+    ckpt.check_teacher(ckpts, cfg.checkpoint.resume, teacher_id, cfg.model.checkpoint)
+    ckpt.check_sequence_degree(ckpts, cfg.checkpoint.resume, cfg.parallel.sequence_parallel)
     if (done := finished_summary(cfg)) is not None:
         return done
     dist.init()
     check_world_size(cfg, dist.world_size())
+    dist.init_sequence_parallel(cfg.parallel.sequence_parallel)  # collective: the groups, before any data or model
     with runlock.hold(cfg.logging.run_dir):  # one job per run directory; refused before anything is written
         return _run(cfg, make_world, on_step, model_cfg, interp, teacher_id)
 
@@ -134,6 +141,6 @@ def _run(cfg: RunConfig, make_world: WorldFactory, on_step, model_cfg, interp: P
         LoopSettings.of(cfg), method, source, cfg=cfg, on_step=on_step,
         sampler=sample if write else None, sample_every=cfg.logging.sample_every,
         exporter=exporter if cfg.checkpoint.export else None, export_done=lambda: _exported(cfg),
-        meta={"teacher": teacher_id},
+        meta={"teacher": teacher_id, "sequence_parallel": cfg.parallel.sequence_parallel},
     )  # fmt: skip
     return loop.run()

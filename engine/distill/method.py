@@ -1,9 +1,10 @@
 """The distillation method (paper Algorithm 1): DMD2 with the adaptive regression and temporal regularization losses.
 
 The method owns the roles, the losses, the 5:1 schedule and its random generators; the loop (engine/train/loop.py)
-applies the updates it yields, checkpoints and logs. Every random draw takes an explicit generator: ``rng`` (per rank:
-noise, timesteps) and ``shared`` (identical on every rank: the backward-simulation exit step, because under ZeRO-3
-every rank must run the same number of forwards).
+applies the updates it yields, checkpoints and logs. Every random draw takes an explicit generator: ``rng`` (per
+data-parallel rank: noise, timesteps; the ranks of a sequence-parallel group share their samples, hence their draws)
+and ``shared`` (identical on every rank: the backward-simulation exit step, because under ZeRO-3 every rank must run
+the same number of forwards).
 
 Non-finite values are never papered over: a non-finite teacher or critic score makes the DMD term, hence the
 generator loss, non-finite (engine/losses/dmd.py), and the loop skips that update, naming the branch from
@@ -38,7 +39,8 @@ class DMDMethod:
         self.samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps
         e = cfg.method.ema
         self.ema = PartitionedEMA(roles.generator, e.decay, e.start_step) if e.enabled else None
-        self.rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + dist.rank())  # per rank
+        # per data-parallel rank: the ranks of a sequence-parallel group hold one sample between them
+        self.rng = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + dist.data_rank())
         self.shared = torch.Generator().manual_seed(cfg.train.seed)  # identical on every rank
         self.uncond = uncond_context.to(device)  # (1, L, D)
         self.latent_shape = tuple(latent_shape)  # (C, F, H, W)
@@ -175,7 +177,8 @@ class DMDMethod:
         loss_reg = zero
         if use_reg:
             with self.timer("regression"):
-                loss_reg, info = self.regression(x0[x_k.shape[0] :], y, t_idx, dist.all_reduce_sum, commit=False)
+                reduce = dist.data_all_reduce_sum  # each sample once, not once per rank of its group
+                loss_reg, info = self.regression(x0[x_k.shape[0] :], y, t_idx, reduce, commit=False)
             pending = info["stats"]
             metrics.update(reg_weight_mean=info["weights"].mean(), reg_loss_raw=info["per_sample"].mean())
             for k, t in enumerate(self.cfg.diffusion.student_timesteps):
@@ -222,12 +225,14 @@ class DMDMethod:
             self.ema.load_state_dict(state.get("generator_ema"))
 
     def log_scalars(self, seconds: float, steps: int) -> dict[str, float]:
-        """Per-phase wall time, tokens/s, MFU (model FLOPs over the peak of every device), the regression EMA."""
-        world, seconds = dist.world_size(), max(seconds, 1e-9)
+        """Per-phase wall time, tokens/s, MFU (model FLOPs over the peak of every device), the regression EMA. The
+        FLOPs counted are those of this rank's samples, which its sequence-parallel group (if any) shares: the job
+        runs them once per data-parallel rank."""
+        world, data, seconds = dist.world_size(), dist.data_world_size(), max(seconds, 1e-9)
         out = {f"time/{k}": v / max(steps, 1) for k, v in self.timer.pop().items()}
-        samples_s = self.samples_per_step * world * steps / seconds
+        samples_s = self.samples_per_step * data * steps / seconds
         out["perf/tokens_per_s"] = samples_s * self.tokens_per_sample
-        out["perf/mfu"] = self.pop_flops() * world / seconds / (peak_tflops(self.cfg) * 1e12 * world)
+        out["perf/mfu"] = self.pop_flops() * data / seconds / (peak_tflops(self.cfg) * 1e12 * world)
         out["perf/step_s"] = seconds / max(steps, 1)
         for k, v in zip(self.cfg.diffusion.student_timesteps, self.regression.ema.tolist()):
             out[f"reg_ema/t{k:g}"] = v

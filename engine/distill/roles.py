@@ -23,6 +23,7 @@ from engine.models.checkpoint import (
     to_official_key,
     weight_files,
 )
+from engine.models.sequence_parallel import SequenceParallel
 from engine.models.wan import WanModel
 from engine.train import dist
 from engine.train.optim import adamw
@@ -70,6 +71,8 @@ def _construct(model_cfg: ModelConfig, ds_cfg: dict, dtype: torch.dtype) -> WanM
     # dtype from the DeepSpeed config, not zero.Init(dtype=...): fp32 turns bf16 on CPU (docs/architecture.md#deepspeed)
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=_zero3(ds_cfg)):
         model = WanModel(model_cfg)
+    # parallel.sequence_parallel: every role splits its tokens over the rank's group (None: whole sequences)
+    model.set_sequence_parallel(SequenceParallel.of_layout(dist.sequence_layout()))
     if not _zero3(ds_cfg):
         return model.to(dtype)
     for module, param in model.external_parameters():  # gathered with the module that reads them, and prefetched
@@ -113,7 +116,10 @@ def _adamw(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Opt
 
 
 def build_roles(cfg: RunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> Roles:
-    """Teacher (frozen, no optimizer), generator and critic (AdamW each) as DeepSpeed engines."""
+    """Teacher (frozen, no optimizer), generator and critic (AdamW each) as DeepSpeed engines. ZeRO-3 partitions each
+    over every rank of the world, sequence parallelism or not (DeepSpeed's "sequence data parallel" group: a
+    sequence-parallel group's ranks hold different gradient shares, which ZeRO must reduce together); DeepSpeed is
+    not told of the sequence-parallel groups (engine/models/sequence_parallel.py says why the gradients are right)."""
     ds_cfg = deepspeed_config(cfg, dist.world_size())
     teacher_cfg = dataclasses.replace(model_cfg, gradient_checkpointing=False)  # never back-propagated
     teacher = _construct(teacher_cfg, ds_cfg, dtype)

@@ -1,13 +1,14 @@
 """Sample videos during distillation: the generator's few-step videos of fixed prompts, for every sample seed.
 
-The (seed, prompt) videos are split across ranks in contiguous blocks, so on N GPUs the sampling costs about 1/N of
-one rank generating everything. Under ZeRO-3 every forward is collective, so each rank runs the same number of
-forward calls: a rank whose block is short repeats its last video (the copy is dropped). Video i of seed s starts
-from a generator seeded with (s, i) that also draws its re-noising, so a video does not depend on the number of
-ranks, the batch it shares or the other prompts. Rank 0 gathers the latents, decodes one video at a time (bounding
-the decoder's memory) and writes <run_dir>/samples/step<step>_seed<seed>_<i>_<prompt>.mp4. With a quality monitor
-(engine/train/quality.py) rank 0 also scores the videos and the sampler returns the report the loop logs; the
-teacher's videos of the same prompts and seeds are drawn once first, for the monitor's comparison.
+The (seed, prompt) videos are split across the data-parallel ranks in contiguous blocks, so on N GPUs the sampling
+costs about 1/N of one rank generating everything (with sequence parallelism the ranks of a group generate their
+block together, each holding a shard of every video's tokens). Under ZeRO-3 every forward is collective, so each
+rank runs the same number of forward calls: a rank whose block is short repeats its last video (the copy is
+dropped). Video i of seed s starts from a generator seeded with (s, i) that also draws its re-noising, so a video
+does not depend on the number of ranks, the batch it shares or the other prompts. Rank 0 gathers the latents, decodes
+one video at a time (bounding the decoder's memory) and writes <run_dir>/samples/step<step>_seed<seed>_<i>_<prompt>.mp4.
+With a quality monitor (engine/train/quality.py) rank 0 also scores the videos and the sampler returns the report the
+loop logs; the teacher's videos of the same prompts and seeds are drawn once first, for the monitor's comparison.
 """
 
 from __future__ import annotations
@@ -94,14 +95,16 @@ def make_sampler(
     out_dir = Path(cfg.logging.run_dir) / "samples"
     schedule = FlowSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.shift)
     videos = [(seed, i) for seed in (cfg.logging.sample_seeds or [0]) for i in range(len(prompts))]
-    block = rank_block(len(videos), dist.rank(), dist.world_size())
+    block = rank_block(len(videos), dist.data_rank(), dist.data_world_size())  # one block per sequence-parallel group
     context = context.to(device)
     mine = context[[videos[v][1] for v in block]]  # (per_rank, L, D)
     seeds = [video_seed(*videos[v]) for v in block]
     chunk = cfg.optim.micro_batch_size  # a batch that fits training (with gradients) fits no-grad sampling
 
     def gather(latents: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t.cpu() for t in dist.all_gather(latents.to(device))])[: len(videos)]
+        """Every block once, in order: the first rank of each sequence-parallel group speaks for its group."""
+        parts = dist.all_gather(latents.to(device))[:: dist.sequence_parallel_size()]
+        return torch.cat([t.cpu() for t in parts])[: len(videos)]
 
     def reference() -> None:
         """The teacher's videos of the same prompts and seeds, once, for the monitor (rank 0 decides, every rank

@@ -56,12 +56,24 @@ def resolve_backend(requested: str, q: torch.Tensor) -> str:
     return requested
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", valid: int | None = None
+) -> torch.Tensor:
     """Non-causal softmax attention with scale 1/sqrt(Dh).
 
     q: (B, Nq, H, Dh); k, v: (B, Nk, H, Dh). Returns (B, Nq, H, Dh) in q.dtype. Sequence lengths are whatever the
-    tensors hold: no padding, no mask (every sample in a batch has the same latent shape).
+    tensors hold: no mask (every sample in a batch has the same latent shape). ``valid``: only the first ``valid``
+    tokens are real (q and k the same sequence, padded at its end to split evenly across sequence-parallel ranks):
+    the padding keys are cut off before the kernel, so no query attends to them (a key mask that every backend
+    honours, at no cost), and the padding queries' outputs are zeros.
     """
+    if valid is not None and valid < q.shape[1]:
+        out = _attend(q[:, :valid], k[:, :valid], v[:, :valid], backend)
+        return torch.cat([out, out.new_zeros(out.shape[0], q.shape[1] - valid, *out.shape[2:])], dim=1)
+    return _attend(q, k, v, backend)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
     name = resolve_backend(backend, q)
     if name == "flash3":
         out = _module("flash3").flash_attn_func(q, k, v)

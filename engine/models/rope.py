@@ -71,3 +71,16 @@ def _build_tables(grid, head_dim, max_seq_len, theta, frame_positions, device):
         dim=-1,
     ).reshape(f * h * w, head_dim // 2)  # (N, Dh/2), token order (f, h, w) row-major
     return angles.cos().float(), angles.sin().float()
+
+
+def shard_tables(cos: torch.Tensor, sin: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of tokens ``start .. stop - 1`` of (N, Dh/2) cos, sin tables: the RoPE positions of one
+    sequence-parallel shard, which keep their place in the whole grid. Rows past N (padding tokens of the last
+    shards) get the identity rotation (cos 1, sin 0); those tokens are never attended to."""
+    n = cos.shape[0]
+    pad = max(0, stop - max(start, n))
+    c, s = cos[min(start, n) : min(stop, n)], sin[min(start, n) : min(stop, n)]
+    if pad:
+        c = torch.cat([c, c.new_ones(pad, c.shape[1])])
+        s = torch.cat([s, s.new_zeros(pad, s.shape[1])])
+    return c.contiguous(), s.contiguous()

@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig, validate_model
 from engine.models.attention import attention
-from engine.models.rope import rope_tables
+from engine.models.rope import rope_tables, shard_tables
+from engine.models.sequence_parallel import SequenceParallel, Shard
 from kernels import adaln, gated_residual, qk_norm_rope
 
 _FUSED = {"adaln": adaln.adaln_modulate, "residual": gated_residual.gated_residual, "qk": qk_norm_rope.qk_norm_rope}
@@ -74,12 +75,15 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: dict, backend: str) -> torch.Tensor:
-        """x: (B, N, D); cos, sin: (N, Dh/2)."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: dict, backend: str, shard: Shard | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, D); cos, sin: (N, Dh/2). With a sequence-parallel ``shard``, x holds this rank's tokens and
+        cos, sin their rows; attention runs over the whole sequence (engine/models/sequence_parallel.py)."""
         wq, wk = self.norm_q.weight, self.norm_k.weight
         q, k = ops["qk"](self.q(x), self.k(x), wq, wk, cos, sin, self.num_heads, self.eps)  # (B, N, H, Dh) each
         v = self.v(x).unflatten(-1, (self.num_heads, -1))  # (B, N, H, Dh)
-        out = attention(q, k, v, backend)  # (B, N, H, Dh)
+        out = attention(q, k, v, backend) if shard is None else shard.attend(q, k, v, backend)  # (B, N, H, Dh)
         return self.o(out.flatten(2))
 
 
@@ -114,11 +118,12 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
-    def forward(self, x, e0, ctx, cos, sin, ops: dict, backend: str) -> torch.Tensor:
-        """x: (B, N, D); e0: (B, 6, D) fp32; ctx: (B, L, D)."""
+    def forward(self, x, e0, ctx, cos, sin, ops: dict, backend: str, shard: Shard | None = None) -> torch.Tensor:
+        """x: (B, N, D); e0: (B, 6, D) fp32; ctx: (B, L, D). Under sequence parallelism x is this rank's ``shard``
+        of the tokens: only self-attention looks beyond it."""
         mod = (self.modulation.float() + e0).unsqueeze(2)  # (B, 6, 1, D)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(1)  # each (B, 1, D)
-        y = self.self_attn(ops["adaln"](x, shift_a, scale_a, self.eps), cos, sin, ops, backend)
+        y = self.self_attn(ops["adaln"](x, shift_a, scale_a, self.eps), cos, sin, ops, backend, shard)
         x = ops["residual"](x, y, gate_a)
         x = x + self.cross_attn(self.norm3(x), ctx, backend)
         y = self.ffn(ops["adaln"](x, shift_f, scale_f, self.eps))
@@ -155,6 +160,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(d, cfg.out_dim * math.prod(p), cfg.eps)
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.sequence_parallel: SequenceParallel | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------------------
 
@@ -180,6 +186,11 @@ class WanModel(nn.Module):
         does not call: the q/k RMSNorm weights, consumed by the fused qk-norm + RoPE op inside SelfAttention.
         ZeRO-3 must gather them with that module (deepspeed.zero.register_external_parameter)."""
         return [(b.self_attn, w) for b in self.blocks for w in (b.self_attn.norm_q.weight, b.self_attn.norm_k.weight)]
+
+    def set_sequence_parallel(self, sp: SequenceParallel | None) -> None:
+        """Split every forward's tokens over ``sp``'s group (None: each rank runs whole sequences). Every rank of the
+        group must then call the model with the same inputs; each gets the whole output."""
+        self.sequence_parallel = sp
 
     def num_tokens(self, latent_shape: tuple[int, int, int]) -> int:
         """Tokens of a (F, H, W) latent."""
@@ -232,15 +243,21 @@ class WanModel(nn.Module):
             grid, self.cfg.head_dim, max_seq_len=rope_len, frame_positions=frame_positions, device=x.device
         )
         tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+        shard = None if self.sequence_parallel is None else self.sequence_parallel.shard(tokens.shape[1])
+        if shard is not None:  # this rank's tokens and their RoPE rows (positions in the whole grid)
+            tokens = shard.split(tokens)  # (B, N_pad / P, D)
+            cos, sin = shard_tables(cos, sin, shard.start, shard.stop)
         e, e0 = self.embed_time(t)
         ctx = self.text_embedding(context.to(dtype))  # (B, L, D)
         ops, backend = self.kernel_ops, self.cfg.attention_backend
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, e0, ctx, cos, sin, ops, backend, use_reentrant=False)
+                tokens = checkpoint(block, tokens, e0, ctx, cos, sin, ops, backend, shard, use_reentrant=False)
             else:
-                tokens = block(tokens, e0, ctx, cos, sin, ops, backend)
+                tokens = block(tokens, e0, ctx, cos, sin, ops, backend, shard)
         out = self.head(tokens, e, ops)  # (B, N, pt*ph*pw*C)
+        if shard is not None:
+            out = shard.gather(out)  # the whole sequence on every rank of the group
         return self.unpatchify(out, grid).to(x.dtype)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

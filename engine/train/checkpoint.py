@@ -524,6 +524,21 @@ def finished(root: Path, resume: str, max_steps: int) -> dict | None:
     return shared if int(shared["step"]) >= max_steps else None
 
 
+def check_sequence_degree(root: Path, resume: str, degree: int) -> None:
+    """A run resumes with the sequence-parallel degree it was written with: each rank's data position and noise
+    generator follow its data-parallel rank, which the degree decides. Checked before any model is built."""
+    path = find_resume(root, resume)
+    if path is None:
+        return
+    saved = int(read_shared(path).get("sequence_parallel", 1))
+    if saved != degree:
+        raise ConfigError(
+            f"config key `parallel.sequence_parallel`: {degree}, but {path} was written with {saved} (the ranks' data "
+            f"positions and noise follow the sequence-parallel groups); resume with {saved}, or start a new "
+            "logging.run_dir"
+        )
+
+
 def check_teacher(root: Path, resume: str, teacher_id: str | None, teacher_path: str | None) -> None:
     """A run resumes only against the teacher it was trained with: the generator and critic in its checkpoint were
     initialized from, and distilled against, those weights. Checked before any model is built."""

@@ -37,6 +37,8 @@ def init(timeout_minutes: int = 30) -> None:
 def shutdown() -> None:
     """Leave the process group cleanly at the end of a job (every rank): the communication threads stop before the
     interpreter tears down, instead of being destroyed while still running."""
+    global _LAYOUT
+    _LAYOUT = None
     if dist.is_initialized():
         if world_size() > 1:
             dist.barrier()
@@ -138,3 +140,89 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sequence parallelism: the ranks split into groups of ``size`` consecutive ranks that share their samples
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SequenceLayout:
+    """Where this rank stands when ``parallel.sequence_parallel`` = ``size`` > 1: rank r is position ``r % size`` of
+    sequence-parallel group ``r // size`` (consecutive ranks: on one node, where the all-to-alls are cheapest). The
+    ranks of one group hold one sample's tokens between them, so they read the same batches and draw the same noise:
+    the data-parallel rank is the group's index, the data-parallel world the number of groups. ``group`` is this
+    rank's sequence-parallel process group, ``data_group`` the ranks at its position in every group (None: the whole
+    world, or this rank alone)."""
+
+    def __init__(self, size: int, group, data_group):
+        self.size, self.group, self.data_group = size, group, data_group
+
+    @property
+    def rank(self) -> int:
+        return rank() % self.size
+
+
+_LAYOUT: SequenceLayout | None = None
+
+
+def init_sequence_parallel(size: int) -> SequenceLayout | None:
+    """Collective (every rank, after :func:`init`): create the groups of ``size`` (a divisor of the world size,
+    checked by the caller naming the config key). 1 undoes any previous layout."""
+    global _LAYOUT
+    world = world_size()
+    if size < 1 or world % size:
+        raise ValueError(f"sequence-parallel size {size} does not divide the world size {world}")
+    if size == 1:
+        _LAYOUT = None
+        return None
+    if _LAYOUT is not None and _LAYOUT.size == size:
+        return _LAYOUT
+    mine = data_mine = None
+    for g in range(world // size):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(g * size, (g + 1) * size)))
+        if rank() // size == g:
+            mine = group
+    if world // size > 1:
+        for p in range(size):
+            group = dist.new_group(list(range(p, world, size)))
+            if rank() % size == p:
+                data_mine = group
+    _LAYOUT = SequenceLayout(size, mine, data_mine)
+    return _LAYOUT
+
+
+def sequence_layout() -> SequenceLayout | None:
+    """The layout :func:`init_sequence_parallel` made, or None without sequence parallelism."""
+    return _LAYOUT
+
+
+def sequence_parallel_size() -> int:
+    return 1 if _LAYOUT is None else _LAYOUT.size
+
+
+def data_rank() -> int:
+    """This rank's data-parallel index: which samples it reads (the same for every rank of a sequence-parallel
+    group)."""
+    return rank() // sequence_parallel_size()
+
+
+def data_world_size() -> int:
+    """Data-parallel ranks: the world size over the sequence-parallel degree."""
+    return world_size() // sequence_parallel_size()
+
+
+def is_data_leader() -> bool:
+    """Position 0 of its sequence-parallel group (every rank without sequence parallelism): the rank that speaks for
+    its group's samples (writes its videos)."""
+    return rank() % sequence_parallel_size() == 0
+
+
+def data_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over the data-parallel ranks (each sample counted once, not once per rank of its
+    sequence-parallel group); returns t."""
+    if not (dist.is_initialized() and data_world_size() > 1):
+        return t
+    group = None if _LAYOUT is None else _LAYOUT.data_group
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t

@@ -68,7 +68,7 @@ class Method(Protocol):
     """role -> engine (DeepSpeed engine or :class:`engine.train.engines.TorchEngine`): backward, step, checkpoints."""
     timer: PhaseTimer
     samples_per_step: int
-    """Samples one rank consumes per step (for samples/s)."""
+    """Samples one rank consumes per step (for samples/s; the ranks of a sequence-parallel group share theirs)."""
 
     def updates(self, step: int, batch: Any) -> Iterator[Update]: ...
 
@@ -351,7 +351,7 @@ class Loop:
         w, self.window = self.window, _Window()
         means = w.means()
         extra = self.method.log_scalars(w.seconds, w.steps)
-        samples_s = self.method.samples_per_step * dist.world_size() * w.steps / max(w.seconds, 1e-9)
+        samples_s = self.method.samples_per_step * dist.data_world_size() * w.steps / max(w.seconds, 1e-9)
         self.history.append({"step": step, **means, "samples_per_s": samples_s})
         if self.observer:
             skipped = {f"skipped/{k}": float(v) for k, v in self.skipped.items()}

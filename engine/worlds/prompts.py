@@ -59,11 +59,12 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def check_prompt_count(num: int, batch_size: int, world_size: int, what: str, key: str = f"{KEY}.source") -> None:
-    """Each rank's share of the prompts must fill a micro-batch (refused naming the key before anything heavy)."""
+    """Each data-parallel rank's share of the prompts must fill a micro-batch (refused naming the key before anything
+    heavy; the ranks of a sequence-parallel group share theirs)."""
     if num // world_size < batch_size:
         raise ConfigError(
             f"config key `{key}`: {num} {what} cannot fill a micro-batch of {batch_size} on each of {world_size} "
-            "ranks (optim.micro_batch_size)"
+            "data-parallel ranks (optim.micro_batch_size)"
         )
 
 

@@ -42,7 +42,7 @@ def check_toy_training(cfg: RunConfig, world_size: int) -> None:
         cfg.optim.micro_batch_size <= per_rank,
         "optim.micro_batch_size",
         f"{cfg.optim.micro_batch_size} is more than the {per_rank} toy training clips per rank ({n_train} clips over "
-        f"{world_size} ranks; raise toy.num_clips or lower the batch)",
+        f"{world_size} data-parallel ranks; raise toy.num_clips or lower the batch)",
     )
     p = cfg.data.dmd_prompts
     subsets = [("data.filter", cfg.data.filter)] + (
@@ -77,10 +77,10 @@ def _dmd_prompts(cfg: RunConfig, train, text, device):
             except ValueError as exc:
                 raise ConfigError(f"config key `data.dmd_prompts.path`: {p.path} prompt {n}: {exc}") from exc
         check_prompt_count(
-            len(prompts), cfg.optim.micro_batch_size, dist.world_size(), "prompts", "data.dmd_prompts.path"
+            len(prompts), cfg.optim.micro_batch_size, dist.data_world_size(), "prompts", "data.dmd_prompts.path"
         )
         context = text.encode(prompts)[0]
-    rank, ws = dist.rank(), dist.world_size()
+    rank, ws = dist.data_rank(), dist.data_world_size()
     seed = prompt_seed(cfg.train.seed)
     return TensorPrompts(context, cfg.optim.micro_batch_size, rank=rank, world_size=ws, seed=seed, device=device)
 
@@ -102,7 +102,7 @@ def toy_scorer(cfg: RunConfig, prompts: list[str], val) -> Callable[[torch.Tenso
 
 def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: bool = False) -> World:
     if training:
-        check_toy_training(cfg, dist.world_size())  # before the dataset is rendered or any model is built
+        check_toy_training(cfg, dist.data_world_size())  # before the dataset is rendered or any model is built
     parts = toy_parts(cfg)
     world = World(
         latent_shape=world_latent_shape(cfg, parts.codec.z_dim),
@@ -127,7 +127,7 @@ def toy_world(cfg: RunConfig, device: torch.device | str = "cpu", *, training: b
         )
         world.source = TensorSource(
             latents, context, cfg.optim.micro_batch_size,
-            rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed, device=device,
+            rank=dist.data_rank(), world_size=dist.data_world_size(), seed=cfg.train.seed, device=device,
         )  # fmt: skip
         prompts = _dmd_prompts(cfg, train, parts.text, device)
         if prompts is not None:

@@ -143,9 +143,9 @@ def _check_dmd_prompts(cfg: RunConfig) -> None:
     if p.source == "file":
         _need_path(cfg.text_encoder.path, "text_encoder.path", "umT5 encodes data.dmd_prompts.path's prompts each step")
         n = len(read_prompt_file(p.path))
-        check_prompt_count(n, cfg.optim.micro_batch_size, dist.world_size(), "prompts", "data.dmd_prompts.path")
+        check_prompt_count(n, cfg.optim.micro_batch_size, dist.data_world_size(), "prompts", "data.dmd_prompts.path")
     elif p.source == "cache":
-        _check_prompt_cache(cfg, dist.world_size())
+        _check_prompt_cache(cfg, dist.data_world_size())
 
 
 def check_wan_config(cfg: RunConfig) -> None:
@@ -268,7 +268,11 @@ def _from_cache(cfg: RunConfig, world: World) -> None:
     where sample videos are decoded (rank 0), umT5 only to encode configured sample prompts (then freed)."""
     d = cfg.data
     stream = build_source(
-        d, batch_size=cfg.optim.micro_batch_size, rank=dist.rank(), world_size=dist.world_size(), seed=cfg.train.seed
+        d,
+        batch_size=cfg.optim.micro_batch_size,
+        rank=dist.data_rank(),
+        world_size=dist.data_world_size(),
+        seed=cfg.train.seed,
     )
     world.source = StreamSource(stream, world.latent_shape, world.device, kind="cache")
     world.uncond = read_negative(d.cache_dir)[0].to(world.device)
@@ -295,8 +299,8 @@ def _online(cfg: RunConfig, world: World) -> None:
     stream = build_source(
         cfg.data,
         batch_size=cfg.optim.micro_batch_size,
-        rank=dist.rank(),
-        world_size=dist.world_size(),
+        rank=dist.data_rank(),
+        world_size=dist.data_world_size(),
         seed=cfg.train.seed,
         codec=codec,
         text_encoder=encoder,
@@ -313,7 +317,7 @@ def _dmd_prompts(cfg: RunConfig, world: World):
     p = cfg.data.dmd_prompts
     if p.source == "same":
         return None
-    shard = dict(rank=dist.rank(), world_size=dist.world_size(), seed=prompt_seed(cfg.train.seed))
+    shard = dict(rank=dist.data_rank(), world_size=dist.data_world_size(), seed=prompt_seed(cfg.train.seed))
     if p.source == "file":  # umT5 is loaded on first use: already there online, loaded for this in a cache run
         prompts = read_prompt_file(p.path)
         return EncodedPrompts(prompts, world.encode_text, cfg.optim.micro_batch_size, **shard, device=world.device)
