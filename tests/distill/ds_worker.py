@@ -148,6 +148,21 @@ def _zero3_vs_plain(trainer):
         return float((partitioned - plain(x, t, ctx)).abs().max())
 
 
+def _optimizer_census(engine):
+    """What the engine's optimizer holds on this rank: the names of the parameters it steps, summed over the ranks the
+    elements of its fp32 master partitions and of Adam's moments (ZeRO-3's flat partitions)."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None) or [g["params"] for g in opt.param_groups]
+    stepped = sorted(names[id(p)] for g in groups for p in g)
+    flat = getattr(opt, "fp32_partitioned_groups_flat", [])
+    inner = getattr(opt, "optimizer", opt)
+    moments = [v for st in inner.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    counts = torch.tensor([float(sum(t.numel() for t in flat)), float(sum(t.numel() for t in moments))])
+    fp32, adam = dist.all_reduce_sum(counts).tolist()
+    return {"stepped": stepped, "fp32_master": int(fp32), "adam": int(adam)}
+
+
 class Recorder:
     def __init__(self, run_dir: Path):
         self.run_dir, self.prev, self.rows, self.zero3_vs_plain = run_dir, None, [], None
@@ -184,6 +199,7 @@ class Recorder:
                     torch.save(full, self.run_dir / f"generator_step{trainer.step}.pt")
         self.prev = now
         if trainer.step == trainer.cfg.train.max_steps and metrics is not None:
+            self.trained = {k: _optimizer_census(e) for k, e in trainer.method.engines.items()}
             full = {k: _full(m) for k, m in _modules(trainer).items() if k != "teacher"}
             if dist.is_main():
                 torch.save(full, self.run_dir / "final_weights.pt")
@@ -219,6 +235,7 @@ def main():
             "partition": getattr(rec, "partition", None),  # None: the job built no model (it had finished)
             "zero3_vs_plain": rec.zero3_vs_plain,
             "optimizers": getattr(rec, "optimizers", None),  # the basic optimizer inside each DeepSpeed engine
+            "trained": getattr(rec, "trained", None),  # what each trained engine's optimizer steps and holds
         }
         (run_dir / "report.json").write_text(json.dumps(report, indent=1))
 
