@@ -12,7 +12,9 @@ Faults, by environment variable (steps are the loop's 0-based step index, as in 
     NAN_SCORES=teacher:5,...    that role's (teacher or critic) score at that step is NaN
     POISON_WEIGHTS=generator:3:1  after step 3, rank 1's partition of the generator's first weight becomes NaN
 With RECORD_GENERATOR=1 rank 0 also writes <run_dir>/generator_step<n>.pt, the full generator after each step n that
-changed it, and <run_dir>/sampled_step<n>.pt, the full weights the sample-video writer got at step n.
+changed it, and <run_dir>/sampled_step<n>.pt, the full weights the sample-video writer got at step n. With
+SAMPLE_VIDEOS=1 the world has two sample prompts and a pixel codec (tanh of the first three latent channels, 8x
+nearest upsampling), so logging.sample_every writes real sample videos through the job's own sampler.
 """
 
 import json
@@ -51,6 +53,18 @@ class NanAt(TensorSource):
         return b
 
 
+class PixelCodec:
+    """Latents (B, 4, F, 4, 4) -> a (B, 3, F, 32, 32) video in [-1, 1]; nothing is ever encoded."""
+
+    z_dim, temporal_stride, spatial_stride = LATENT[0], 1, 8
+
+    def encode(self, video):
+        raise NotImplementedError
+
+    def decode(self, latents):
+        return torch.tanh(latents[:, :3].float()).repeat_interleave(8, -1).repeat_interleave(8, -2)
+
+
 def make_world(cfg, device):
     g = torch.Generator().manual_seed(1234)
     t = torch.linspace(0, 1, LATENT[1]).view(1, 1, -1, 1, 1)
@@ -66,7 +80,11 @@ def make_world(cfg, device):
         seed=cfg.train.seed,
         nan_batches=nan,
     )
-    return World(source=source, uncond=torch.zeros(1, *CTX), latent_shape=LATENT)
+    if not os.environ.get("SAMPLE_VIDEOS"):
+        return World(source=source, uncond=torch.zeros(1, *CTX), latent_shape=LATENT)
+    prompts = ["a red ball", "a blue cube"]
+    return World(source=source, uncond=torch.zeros(1, *CTX), latent_shape=LATENT, sample_prompts=prompts,
+                 sample_context=torch.randn(len(prompts), *CTX, generator=g), load_codec=PixelCodec)  # fmt: skip
 
 
 def _faults(name):

@@ -11,28 +11,41 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file
 
 from engine.config import CheckpointError, ConfigError, load_config
+from engine.data.mp4 import probe, to_frames, write_mp4
 from engine.deploy import export_student
+from engine.diffusion.flow import FlowSchedule
+from engine.diffusion.samplers import video_seed
 from engine.distill.job import run_distillation
+from engine.distill.samples import generate_block, sample_name
 from engine.generate import load_dit, resolve_model
 from engine.models.adapters import DOWN, UP, adapter_params, add_adapters, is_adapter
-from engine.models.checkpoint import diffusers_to_official, iter_tensors, read_model_config, save_weights
+from engine.models.checkpoint import (
+    diffusers_to_official,
+    iter_tensors,
+    load_weights,
+    read_model_config,
+    save_weights,
+)
 from engine.models.lora import merge_lora, read_lora
 from engine.models.wan import WanModel
 from launcher import export as export_cli
 from tests.distill import test_trainer_distributed as full_weights
+from tests.distill.ds_worker import LATENT, PixelCodec, make_world
 from tests.distill.test_trainer_distributed import _assert_same_tail, _assert_same_weights, launch, report
 
 pytestmark = pytest.mark.distributed
 pytest.importorskip("peft")
 teacher = full_weights.teacher  # the module-scoped tiny teacher fixture
 
-LORA = ("model.lora.rank=4", "model.lora.alpha=8")  # scale 2
+LORA = ("model.lora.rank=4", "model.lora.alpha=8", "logging.sample_every=4")  # scale 2; sample videos at 4 and 8
+SAMPLES = {"SAMPLE_VIDEOS": "1"}  # the worker's world has sample prompts and a pixel codec
 SCALE, STEPS, EVERY = 2.0, 8, 4
 
 
@@ -42,8 +55,10 @@ def tiny_lora():
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, teacher):
-    """8 steps (generator updates at steps 1 and 6), checkpoints at 4 and 8, the in-job export at the end."""
-    proc, run_dir = launch(tmp_path_factory.mktemp("lora"), teacher, "straight", STEPS, EVERY, overrides=LORA)
+    """8 steps (generator updates at steps 1 and 6), checkpoints and sample videos at 4 and 8, the in-job export at
+    the end."""
+    tmp = tmp_path_factory.mktemp("lora")
+    proc, run_dir = launch(tmp, teacher, "straight", STEPS, EVERY, env=SAMPLES, overrides=LORA)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -98,10 +113,11 @@ def test_fused_kernels_train_as_the_reference_ops(tmp_path, teacher, straight):
 
 
 def test_a_killed_lora_run_resumes_exactly_and_only_with_the_same_adapters(tmp_path, teacher, straight):
-    killed, run = launch(tmp_path, teacher, "killed", STEPS, EVERY, env={"VIDISTILL_FAULT": "step:5"}, overrides=LORA)
+    fault = {**SAMPLES, "VIDISTILL_FAULT": "step:5"}
+    killed, run = launch(tmp_path, teacher, "killed", STEPS, EVERY, env=fault, overrides=LORA)
     assert killed.returncode != 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    resumed, _ = launch(tmp_path, teacher, "killed", STEPS, EVERY, overrides=LORA)
+    resumed, _ = launch(tmp_path, teacher, "killed", STEPS, EVERY, env=SAMPLES, overrides=LORA)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in (run / "train.log").read_text()
     _assert_same_tail(report(straight), report(run), first_step=5)  # a generator update at step 6
@@ -113,6 +129,39 @@ def test_a_killed_lora_run_resumes_exactly_and_only_with_the_same_adapters(tmp_p
             run_distillation(load_config(config, [*other, "train.max_steps=10"]))
         msg = str(exc.value)
         assert msg.startswith("config key `model.lora`:") and saved in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_sample_videos_are_the_adapted_generators(tmp_path, straight, monkeypatch):
+    """The job's sampler writes each (seed, prompt) video at steps 4 and 8 from the adapted generator: the step-8
+    videos are the 4-step samples of the merged export (our sampler on the exported weights, same seeds), decoded."""
+    import av
+
+    names = sorted(p.name for p in (straight / "samples").glob("*.mp4"))
+    prompts = ["a red ball", "a blue cube"]
+    assert names == sorted(sample_name(s, 0, i, p) for s in (4, 8) for i, p in enumerate(prompts))
+    cfg = load_config(straight / "config.yaml")
+    first = straight / "samples" / sample_name(8, 0, 0, prompts[0])
+    assert probe(first) == {"codec": "h264", "frames": 3, "width": 32, "height": 32, "fps": cfg.data.fps}
+    model = WanModel(read_model_config(straight / "export" / "transformer", gradient_checkpointing=False)).eval()
+    load_weights(model, straight / "export" / "transformer")
+    monkeypatch.setenv("SAMPLE_VIDEOS", "1")
+    world = make_world(cfg, torch.device("cpu"))  # the worker's world: its sample prompts' context
+    schedule = FlowSchedule(cfg.diffusion.num_train_timesteps, cfg.diffusion.shift)
+    seeds = [video_seed(0, i) for i in range(len(prompts))]
+    latents = generate_block(model, world.sample_context, seeds, LATENT, schedule, cfg.diffusion.student_timesteps, 2)
+
+    def frames(path):
+        with av.open(str(path)) as f:
+            return np.stack([frame.to_ndarray(format="rgb24") for frame in f.decode(video=0)]).astype(float)
+
+    want = []  # the reference videos through the same encoder (h264 at crf 17), so both carry its error alike
+    for i, lat in enumerate(latents):
+        ref = write_mp4(tmp_path / f"ref{i}.mp4", to_frames(PixelCodec().decode(lat[None])[0]), cfg.data.fps)
+        want.append(frames(ref))
+    for i in range(len(prompts)):
+        got = frames(straight / "samples" / sample_name(8, 0, i, prompts[i]))
+        assert got.shape == want[i].shape and np.abs(got - want[i]).mean() < 0.5
+        assert np.abs(got - want[1 - i]).mean() > 10  # the other prompt's video: the comparison can tell
 
 
 def test_the_merged_export_is_w_plus_scaled_ba_and_runs_in_diffusers(tmp_path, straight):
