@@ -11,7 +11,9 @@ channel counts are checked before anything is written.
 The other formats users deploy (docs/deploy.md): the directory completed into a diffusers WanPipeline
 (``export_pipeline``), the student as one official-key safetensors file, optionally scaled fp8
 (``export_single_file``), and a LoRA of the student over its teacher (``export_lora``); ``--merge-lora`` merges one
-back into a model (``student_tensors(..., lora=)``).
+back into a model (``student_tensors(..., lora=)``). A step directory of a LoRA-trained run (``model.lora``) holds the
+frozen base and the adapters under peft's names: every export of it is the merged student (``official_source``), and
+``export_trained_lora`` writes its adapters as they are.
 """
 
 from __future__ import annotations

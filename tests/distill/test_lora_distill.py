@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from engine.config import CheckpointError, ConfigError, load_config
 from engine.data.mp4 import probe, to_frames, write_mp4
-from engine.deploy import export_student
+from engine.deploy import export_single_file, export_student
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import video_seed
 from engine.distill.job import run_distillation
@@ -190,6 +190,8 @@ def test_the_merged_export_is_w_plus_scaled_ba_and_runs_in_diffusers(tmp_path, s
     export_student(step, tmp_path / "offline")
     offline = teacher_weights(tmp_path / "offline" / "transformer")
     assert all(torch.equal(offline[k], merged[k]) for k in merged)
+    single = dict(iter_tensors(export_single_file(step, tmp_path / "one.safetensors", dtype=torch.float32)))
+    assert set(single) == set(merged) and all(torch.equal(single[k], merged[k]) for k in merged)
     source = resolve_model(str(step), "--student", load_config(straight / "config.yaml"))
     direct = load_dit(source, "cpu", torch.float32)
     assert all(torch.equal(direct.state_dict()[k], merged[k]) for k in merged)
