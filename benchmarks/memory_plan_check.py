@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 TEXT_LEN = 16
 TEACHER = ROOT / "engine" / "assets" / "toy_teacher"  # the toy world's shipped teacher: the toy preset's architecture
 BASE_YAML = """
-model: {{preset: toy, checkpoint: {teacher}, gradient_checkpointing: {ckpt}}}
+model: {{preset: toy, checkpoint: {teacher}, gradient_checkpointing: {ckpt}, lora: {{rank: {rank}}}}}
 text_encoder: {{kind: umt5, max_length: {text_len}}}
 vae: {{kind: wan}}
 diffusion: {{guidance_scale: 3.0}}
@@ -47,7 +47,7 @@ deepspeed:
   {{dtype: fp32, reduce_bucket_size: {bucket}, prefetch_bucket_size: {bucket}, param_persistence_threshold: {persist}}}
 data: {{source: cache, cache_dir: {run_dir}/no-cache, num_frames: {frames}, height: {side}, width: {side}}}
 """
-# name: (pixel frames, side in pixels, micro-batch, gradient checkpointing, param_persistence_threshold)
+# name: (pixel frames, side in pixels, micro-batch, gradient checkpointing, param_persistence_threshold[, LoRA rank])
 # tokens = (1 + (frames - 1) / 4) * (side / 16)^2 for the (4, 8, 8) VAE strides and the (1, 2, 2) patch.
 CONFIGS = {
     "toy-320-ckpt": (17, 128, 1, True, 0),
@@ -56,6 +56,8 @@ CONFIGS = {
     "toy-1280-ckpt": (17, 256, 1, True, 0),
     "toy-1280-nockpt": (17, 256, 1, False, 0),
     "toy-576-mb2-nockpt": (33, 128, 2, False, 0),
+    "toy-320-lora16-nockpt": (17, 128, 1, False, 0, 16),  # model.lora: frozen base, adapters + their Adam states
+    "toy-320-lora64-nockpt": (17, 128, 1, False, 0, 64),
 }
 BUCKET = 1_000_000
 STEPS = 10  # two 5:1 cycles; the second is measured
@@ -64,7 +66,7 @@ MMAP_THRESHOLD = 16384  # bytes: every larger block is its own mmap, returned to
 
 def write_config(name: str, workdir: Path) -> Path:
     """The run config of one measured case, written into ``workdir``."""
-    frames, side, mb, ckpt, persist = CONFIGS[name]
+    frames, side, mb, ckpt, persist, rank = (*CONFIGS[name], 0)[:6]
     cfg_path = workdir / f"{name}.yaml"
     cfg_path.write_text(
         BASE_YAML.format(
@@ -75,6 +77,7 @@ def write_config(name: str, workdir: Path) -> Path:
             run_dir=workdir / name,
             bucket=BUCKET,
             persist=persist,
+            rank=rank,
             frames=frames,
             side=side,
             steps=STEPS,
@@ -251,7 +254,7 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        _, _, mb, ckpt, _ = CONFIGS[row["config"]]
+        _, _, mb, ckpt = CONFIGS[row["config"]][:4]
         m, p, r = row["ratio"]["measured"], row["planned"], row["ratio"]
         cells = [row["config"], f"{p['tokens']:,}", str(mb), "yes" if ckpt else "no"]
         cells += [f"{m[k] / 1e6:.1f} / {p[k] / 1e6:.1f}" for k in ("resident", "activations", "peak")]

@@ -37,6 +37,36 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+LORA_TARGETS = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "ffn.0", "ffn.2",
+)  # fmt: skip
+"""Every linear layer of a transformer block (the layers the LoRA file layouts carry)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA distillation (docs/method.md#lora-distillation): the generator and the critic train low-rank adapters on a
+    frozen copy of the teacher's weights instead of their full weights."""
+
+    rank: int = 0
+    """Adapter rank r; 0 trains the full weights (no adapters)."""
+    alpha: Optional[float] = None
+    """The adapter's output is scaled by alpha / rank; null: alpha = rank (scale 1)."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Block linears that get an adapter: an entry matches the layers named by it or ending in "." + it (``q``: both
+    attentions' q; ``blocks.0.ffn.2``: one layer)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
 @dataclass
 class ModelConfig:
     """Wan2.1 DiT architecture (docs/wan.md#sizes) and how it runs."""
@@ -76,6 +106,8 @@ class ModelConfig:
     fused_kernels: bool = True
     """Triton element-wise fusions (adaLN, gated residual, qk-norm+RoPE) on CUDA tensors; False = pure torch.
     VIDISTILL_KERNELS=triton|reference forces either path (kernels/_dispatch.py)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA distillation (rank 0: full weights)."""
 
     @property
     def head_dim(self) -> int:
@@ -833,6 +865,42 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     _require(all(p > 0 for p in m.patch_size), f"{prefix}.patch_size", f"entries must be positive, got {m.patch_size}")
     _require(m.eps > 0, f"{prefix}.eps", f"must be positive, got {m.eps}")
     _require(m.rope_max_seq_len > 0, f"{prefix}.rope_max_seq_len", "must be positive")
+    lora = m.lora
+    _require(lora.rank >= 0, f"{prefix}.lora.rank", f"must be >= 0 (0: full weights), got {lora.rank}")
+    _require(lora.alpha is None or lora.alpha > 0, f"{prefix}.lora.alpha", f"must be positive, got {lora.alpha}")
+    _require(
+        not lora.enabled or (bool(lora.targets) and all(t.strip() for t in lora.targets)),
+        f"{prefix}.lora.targets",
+        f"needs at least one layer name (e.g. {list(LORA_TARGETS[:2])}), got {lora.targets}",
+    )
+
+
+def lora_layers(m: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The block linears ``m.lora.targets`` names, as {layer: (out, in)} in the model's order (engine/models/wan.py:
+    self- and cross-attention q, k, v, o of width ``dim``, the FFN's ``ffn.0`` dim -> ffn_dim and ``ffn.2`` back). A
+    target that matches none, or a rank above a targeted layer's smaller side, is a ConfigError naming the key."""
+    d, f, lora = m.dim, m.ffn_dim, m.lora
+    shapes = {name: (f, d) if name == "ffn.0" else (d, f) if name == "ffn.2" else (d, d) for name in LORA_TARGETS}
+    layers = {f"blocks.{i}.{name}": shape for i in range(m.num_layers) for name, shape in shapes.items()}
+    chosen: set[str] = set()
+    for target in lora.targets:
+        hits = [n for n in layers if n == target or n.endswith("." + target)]
+        _require(
+            bool(hits),
+            "model.lora.targets",
+            f"{target!r} matches no linear layer of the transformer blocks; expected one of {list(LORA_TARGETS)} or "
+            f"blocks.<i>.<one of them> with i < {m.num_layers}",
+        )
+        chosen.update(hits)
+    out = {n: shape for n, shape in layers.items() if n in chosen}
+    smallest = min(out, key=lambda n: min(out[n]))
+    _require(
+        lora.rank <= min(out[smallest]),
+        "model.lora.rank",
+        f"{lora.rank} is larger than layer {smallest} ({out[smallest][0]} x {out[smallest][1]}) allows; expected at "
+        f"most {min(out[smallest])} for these targets",
+    )
+    return out
 
 
 def _validate_diffusion(d: DiffusionConfig) -> None:
@@ -999,6 +1067,8 @@ def validate(cfg: RunConfig) -> None:
     if found is not None:
         _require(False, found[0], f"must be finite, got {found[1]}")
     validate_model(cfg.model)
+    if cfg.model.lora.enabled:  # the adapters fit the architecture
+        lora_layers(cfg.model)
     _validate_diffusion(cfg.diffusion)
     _validate_method(cfg.method)
     _validate_data(cfg.data, cfg.vae, cfg.model)

@@ -11,7 +11,9 @@ channel counts are checked before anything is written.
 The other formats users deploy (docs/deploy.md): the directory completed into a diffusers WanPipeline
 (``export_pipeline``), the student as one official-key safetensors file, optionally scaled fp8
 (``export_single_file``), and a LoRA of the student over its teacher (``export_lora``); ``--merge-lora`` merges one
-back into a model (``student_tensors(..., lora=)``).
+back into a model (``student_tensors(..., lora=)``). A step directory of a LoRA-trained run (``model.lora``) holds the
+frozen base and the adapters under peft's names: every export of it is the merged student (``official_source``), and
+``export_trained_lora`` writes its adapters as they are.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from safetensors import safe_open
 from engine import safe_load
 from engine.config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, load_config
 from engine.fsutil import atomic_write_text
+from engine.models.adapters import adapter_layers, merged_source, parameter_shapes
 from engine.models.checkpoint import (
     CheckpointError,
     checkpoint_keys,
@@ -95,7 +98,7 @@ def ema_state(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | Non
     parts = [torch.load(f, weights_only=True, mmap=True)["method"].get("generator_ema") for f in files]
     if not parts or parts[0] is None:
         return None
-    shapes = {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
+    shapes = {k: torch.Size(v) for k, v in parameter_shapes(cfg)[0].items()}
     out = {}
     for name, first in parts[0].items():
         shape = shapes.get(name, first.shape)
@@ -106,14 +109,29 @@ def ema_state(step_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor] | Non
     return out
 
 
-def check_state(state: dict, cfg: ModelConfig, where: Path) -> None:
-    """Names and shapes of an official-named state dict against the architecture (built on the meta device)."""
-    expected = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta").state_dict().items()}
+def check_state(state: dict, cfg: ModelConfig, where: Path, trained_only: bool = False) -> None:
+    """Names and shapes of a state dict against the model a run with ``cfg`` trains (from the DiT on the meta device:
+    official names, or under ``model.lora`` the DiT with its adapters, peft's names); ``trained_only``: its trained
+    parameters alone (what the generator EMA holds)."""
+    shapes, trained = parameter_shapes(cfg)
+    expected = {k: v for k, v in shapes.items() if not trained_only or k in trained}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     bad = [f"{k} {got[k]} != {expected[k]}" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
     if missing or unexpected or bad:
-        raise CheckpointError(f"{where}: missing {missing[:10]}, unexpected {unexpected[:10]}, shapes {bad[:5]}")
+        lora = f"model.lora.rank {cfg.lora.rank}" if cfg.lora.enabled else "full weights, model.lora.rank 0"
+        raise CheckpointError(
+            f"{where}: does not fit the configured model ({cfg.num_layers} blocks of dim {cfg.dim}, {lora}): "
+            f"missing {missing[:10]}, unexpected {unexpected[:10]}, shapes (got != expected) {bad[:5]}"
+        )
+
+
+def official_source(cfg: ModelConfig, names: list[str], get: Callable) -> tuple[list[str], Callable]:
+    """The official names and a name -> tensor getter of a trained model's parameters (``names``, ``get``); those
+    of a LoRA-trained one merged: W + alpha / r B A (engine/models/adapters.py)."""
+    if not cfg.lora.enabled:
+        return names, get
+    return merged_source(names, get, cfg.lora.scale)
 
 
 class _Pairs:
@@ -165,15 +183,16 @@ def export_student(
         return out
     state = zero_state(src)
     check_state(state, model_cfg, src)
+    get = lambda name: state[name].contiguous()  # noqa: E731 (one tensor gathered at a time)
     ema = ema_state(src, model_cfg)
     if ema is not None:
-        check_state(ema, model_cfg, src / "trainer")
+        check_state(ema, model_cfg, src / "trainer", trained_only=True)
         raw = Path(deploy_dir) / "transformer_raw"
-        trained = ((name, t.contiguous()) for name, t in state.items())
-        save_weights(_Pairs(trained, dtype), model_cfg, raw, max_shard_bytes=max_shard_bytes)
-        state = ema
-    lazy = ((name, t.contiguous()) for name, t in state.items())  # one tensor gathered at a time
-    return save_weights(_Pairs(lazy, dtype), model_cfg, out, max_shard_bytes=max_shard_bytes)
+        names, raw_get = official_source(model_cfg, list(state), get)
+        save_weights(_Pairs(((n, raw_get(n)) for n in names), dtype), model_cfg, raw, max_shard_bytes=max_shard_bytes)
+        get = lambda name: ema[name] if name in ema else state[name].contiguous()  # noqa: E731 (frozen: as trained)
+    names, get = official_source(model_cfg, list(state), get)
+    return save_weights(_Pairs(((n, get(n)) for n in names), dtype), model_cfg, out, max_shard_bytes=max_shard_bytes)
 
 
 def _checked_source(src: Path, run_config: str | Path | None) -> tuple[ModelConfig, list[str], Callable]:
@@ -184,7 +203,7 @@ def _checked_source(src: Path, run_config: str | Path | None) -> tuple[ModelConf
     if is_trainer_checkpoint(src):
         state = zero_state(src)
         check_state(state, cfg, src)
-        return cfg, list(state), lambda name: state[name].contiguous()
+        return cfg, *official_source(cfg, list(state), lambda name: state[name].contiguous())
     keys = checkpoint_keys(src)
     layout = detect_layout(keys)
     unknown = [k for k in keys if to_official_key(k, layout) is None]
@@ -262,6 +281,47 @@ def export_lora(
     extraction.report.update(student=str(student), teacher=str(teacher), layout=layout)
     save_lora(extraction.layers, path, layout, dtype, extraction.report)
     return extraction.report
+
+
+def export_trained_lora(
+    src: str | Path,
+    path: str | Path,
+    *,
+    layout: str = "comfy",
+    dtype: torch.dtype = torch.bfloat16,
+    run_config: str | Path | None = None,
+    rank: int | None = None,
+) -> dict:
+    """The adapters of a LoRA-trained run's trainer checkpoint (``model.lora``), written as they are (no SVD) as a
+    LoRA file in ``layout``, with ``<path>.report.json``; the generator EMA's adapters when the run kept one (the
+    student ``export_student`` writes). Returns the report."""
+    if layout not in LORA_LAYOUTS:
+        raise CheckpointError(f"--lora-format {layout!r}: expected one of {LORA_LAYOUTS}")
+    if not str(path).endswith(".safetensors"):
+        raise CheckpointError(f"--lora: {path} must end in .safetensors")
+    src = Path(src)
+    cfg = _architecture(src, run_config)
+    if not (is_trainer_checkpoint(src) and cfg.lora.enabled):
+        raise CheckpointError(
+            f"--lora without --teacher writes the trained adapters of a LoRA run; {src} is not a trainer checkpoint "
+            "of one (model.lora.rank > 0): give --teacher and --rank to extract a LoRA by SVD"
+        )
+    if rank is not None and rank != cfg.lora.rank:
+        raise CheckpointError(
+            f"--rank {rank}: the adapters of {src} have rank {cfg.lora.rank} (model.lora.rank); omit --rank to write "
+            "them as trained, or give --teacher to extract a LoRA of another rank by SVD"
+        )
+    state = zero_state(src)
+    check_state(state, cfg, src)
+    ema = ema_state(src, cfg)
+    if ema is not None:
+        check_state(ema, cfg, src / "trainer", trained_only=True)
+    source = state if ema is None else ema
+    layers = adapter_layers(list(state), lambda name: source[name].contiguous(), cfg.lora.scale)
+    report = {"rank": cfg.lora.rank, "alpha": cfg.lora.rank * cfg.lora.scale, "layout": layout, "student": str(src),
+              "ema": ema is not None, "layers": sorted(layers)}  # fmt: skip
+    save_lora(layers, path, layout, dtype, report)
+    return report
 
 
 def export_single_file(

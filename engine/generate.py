@@ -39,7 +39,14 @@ from safetensors import SafetensorError
 from engine.config import ConfigError, ModelConfig, RunConfig, replace, resolve_dtype
 from engine.console import progress
 from engine.data.mp4 import to_frames, write_mp4, write_sidecar
-from engine.deploy import check_state, deploy_root, is_trainer_checkpoint, trainer_model_config, zero_state
+from engine.deploy import (
+    check_state,
+    deploy_root,
+    is_trainer_checkpoint,
+    official_source,
+    trainer_model_config,
+    zero_state,
+)
 from engine.diffusion.flow import FlowSchedule
 from engine.diffusion.samplers import SampleNoise, sample_student, sample_teacher
 from engine.diffusion.vif import check_vif, sample_vif
@@ -343,7 +350,8 @@ def load_dit(source: ModelSource, device: torch.device, dtype: torch.dtype) -> W
     if source.zero:
         state = zero_state(source.path, lazy=False)
         check_state(state, source.cfg, source.path)
-        model.to_empty(device="cpu").load_state_dict(state)
+        names, get = official_source(source.cfg, list(state), state.__getitem__)  # a LoRA-trained one merged
+        model.to_empty(device="cpu").load_state_dict({n: get(n) for n in names})
     else:
         load_weights(model, source.path)
     return model.to(device, dtype).eval().requires_grad_(False)

@@ -18,8 +18,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from engine.config import ConfigError, ModelConfig, RunConfig
-from engine.models.flops import dit_forward_flops
+from engine.config import ConfigError, ModelConfig, RunConfig, lora_layers
+from engine.models.flops import dit_forward_flops, train_passes
 
 GB = 1e9
 FP32 = 4
@@ -53,22 +53,86 @@ class ParamCount:
     """Parameters owned directly by the largest module (what ZeRO-3 gathers at once, DeepSpeed's largest layer)."""
 
 
+_NOT_ARCH = ("checkpoint", "lora")
+
+
+def _arch(model: ModelConfig) -> tuple:
+    return tuple(getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in _NOT_ARCH)
+
+
+def _model(arch: tuple) -> ModelConfig:
+    names = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_ARCH]
+    return ModelConfig(**dict(zip(names, arch)))
+
+
 def count_params(model: ModelConfig, persistence_threshold: int) -> ParamCount:
     """Walk a WanModel built on the meta device (no memory), as DeepSpeed's own estimator does."""
-    arch = tuple(getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "checkpoint")
-    return _count_params(arch, persistence_threshold)
+    return _count_params(_arch(model), persistence_threshold)
 
 
 @functools.lru_cache(maxsize=32)
 def _count_params(arch: tuple, persistence_threshold: int) -> ParamCount:
     from engine.models.wan import build_model
 
-    names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "checkpoint"]
-    m = build_model(ModelConfig(**dict(zip(names, arch))), device="meta")
+    m = build_model(_model(arch), device="meta")
     total = sum(p.numel() for p in m.parameters())
     persistent = sum(p.numel() for p in m.parameters() if p.numel() < persistence_threshold)
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in m.modules())
     return ParamCount(total, persistent, largest)
+
+
+def count_adapter_params(model: ModelConfig, persistence_threshold: int) -> ParamCount | None:
+    """The LoRA adapters of one trained role (``model.lora``; None without): every A (r x in) and B (out x r) is its
+    own module's only tensor, so the largest layer is the largest of them."""
+    if not model.lora.enabled:
+        return None
+    lora = model.lora
+    return _count_adapters(_arch(model), lora.rank, tuple(lora.targets), persistence_threshold)
+
+
+@functools.lru_cache(maxsize=32)
+def _count_adapters(arch: tuple, rank: int, targets: tuple, persistence_threshold: int) -> ParamCount:
+    from engine.config import LoraConfig
+    from engine.models.adapters import adapter_params
+
+    cfg = dataclasses.replace(_model(arch), lora=LoraConfig(rank=rank, targets=list(targets)))
+    sizes = [math.prod(shape) for shape in adapter_params(cfg).values()]
+    return ParamCount(sum(sizes), sum(n for n in sizes if n < persistence_threshold), max(sizes))
+
+
+def forward_only_params(model: ModelConfig, persistence_threshold: int) -> int:
+    """With ``model.lora``: partitioned base parameters that ZeRO-3's trace uses in the forward only, because no
+    gradient reaches their modules (their input needs none and their weights are frozen): the embeddings, every
+    block's cross-attention k and v (they read the text context), block 0's self-attention q, k and v (they read the
+    patch embedding). ZeRO-3 releases those after each use instead of keeping them gathered (measured on 2 ranks:
+    benchmarks/memory_plan_check.py). Fewer targets leave more modules without a gradient: this is a lower bound."""
+    if not model.lora.enabled:
+        return 0
+    return _forward_only(_arch(model), persistence_threshold)
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_only(arch: tuple, persistence_threshold: int) -> int:
+    import re
+
+    from engine.models.wan import build_model
+
+    forward_only = re.compile(
+        r"(patch_embedding|text_embedding|time_embedding|time_projection)\.|blocks\.\d+\.cross_attn\.[kv]\.|"
+        r"blocks\.0\.self_attn\.[qkv]\."
+    )
+    m = build_model(_model(arch), device="meta")
+    return sum(
+        p.numel() for name, p in m.named_parameters() if forward_only.match(name) and p.numel() >= persistence_threshold
+    )
+
+
+def lora_rows_per_block(model: ModelConfig) -> tuple[float, float]:
+    """Adapted layers per block (averaged over the blocks) whose input is the video tokens, and the text tokens
+    (cross-attention k and v): each adapter saves its rank-wide A output per input row for B's backward."""
+    layers = lora_layers(model)
+    text = sum(1 for n in layers if n.endswith(("cross_attn.k", "cross_attn.v")))
+    return (len(layers) - text) / model.num_layers, text / model.num_layers
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -85,12 +149,19 @@ def block_saved_bytes(model: ModelConfig, tokens: int, text_len: int, dtype_byte
     branch outputs, the cross-attention's LayerNorm input and output, its q path (fp32 RMSNorm input and normalized,
     q) and output, the FFN input and its two ffn_dim-wide tensors. The fused kernels (CUDA) save their inputs in the
     training dtype instead: adaLN the input, qk-norm+RoPE the q and k projections, the gated residual the branch.
-    Per text token: the cross-attention's k path and v; per token and head the attention log-sum-exp; norm stats."""
+    Per text token: the cross-attention's k path and v; per token and head the attention log-sum-exp; norm stats.
+
+    With ``model.lora`` only the adapters train: the modulation, the RMSNorm weights and the gates need no gradient,
+    so the reference ops no longer save what only their gradients read (adaLN's and RMSNorm's normalized tensor, the
+    gated residual's branch; the fused kernels save the same as before), a frozen linear saves no input but its
+    adapter's A saves that same tensor, and B saves A's rank-wide output per row of the layer's input."""
     d, f, h, s = model.dim, model.ffn_dim, model.num_heads, dtype_bytes
+    frozen = model.lora.enabled
+    normed = 0 if frozen else FP32  # the fp32 normalized tensor of adaLN and RMSNorm: saved for their weights' grads
     # An fp32 copy of an fp32 tensor is the tensor itself, so each term is counted once whatever the dtype.
-    adaln = s if fused else 2 * FP32
-    qk = 2 * (2 * s if fused else 2 * FP32 + s)  # fused: q/k projections + rotated; else fp32 input, normed, rotated
-    residual = s if fused else FP32
+    adaln = s if fused else FP32 + normed
+    qk = 2 * (2 * s if fused else FP32 + normed + s)  # fused: q/k projections, rotated; else fp32 in, normed, rotated
+    residual = s if fused else (0 if frozen else FP32)
     per_token_d = (
         adaln  # self-attention adaLN
         + s  # q/k/v projection input
@@ -100,7 +171,8 @@ def block_saved_bytes(model: ModelConfig, tokens: int, text_len: int, dtype_byte
         + residual  # gated residual: the branch output
         + FP32  # cross-attention LayerNorm input (fp32)
         + s  # its output, the q projection input
-        + 2 * FP32
+        + FP32
+        + normed
         + s  # cross q: RMSNorm input and normalized (fp32), q in the dtype
         + s  # cross-attention output
         + adaln  # FFN adaLN
@@ -108,8 +180,12 @@ def block_saved_bytes(model: ModelConfig, tokens: int, text_len: int, dtype_byte
         + residual  # gated residual
     )
     per_token = per_token_d * d + 2 * s * f + 2 * h * FP32 + 8 * FP32  # FFN hidden + GELU out, lse x2, norm stats
-    per_text = (2 * FP32 + 2 * s) * d  # cross k: RMSNorm input + normalized, k and v in the dtype
-    return tokens * per_token + text_len * per_text
+    per_text = (FP32 + normed + 2 * s) * d  # cross k: RMSNorm input + normalized, k and v in the dtype
+    if frozen:  # B saves A's output, r wide, per adapted layer and row of its input
+        token_layers, text_layers = lora_rows_per_block(model)
+        per_token += token_layers * model.lora.rank * s
+        per_text += text_layers * model.lora.rank * s
+    return round(tokens * per_token + text_len * per_text)
 
 
 def activation_bytes(
@@ -185,6 +261,13 @@ class Plan:
         return self.peak <= self.usable
 
 
+def _weight_bytes(pc: ParamCount, zero: int, s: int, offload_param: bool) -> int:
+    """A role's weights on the GPU: its partition, persistent tensors also whole (all of it without partitioning)."""
+    if offload_param:
+        return s * pc.persistent
+    return s * (math.ceil(pc.total / zero) + pc.persistent) if zero > 1 else s * pc.total
+
+
 def role_states(
     pc: ParamCount,
     zero: int,
@@ -192,22 +275,30 @@ def role_states(
     offload_optimizer: bool,
     offload_param: bool,
     sub_group_size: int = SUB_GROUP_SIZE,
+    adapters: ParamCount | None = None,
 ) -> dict[str, float]:
     """GPU bytes of one role's ZeRO-3 states partitioned over ``zero`` ranks, as DeepSpeed's stage 3 allocates them:
     the weight partition in the training dtype (persistent tensors also whole), the flat gradient partition, the fp32
     master partition and Adam's two moments; at the optimizer step the fp32 copy of the gradient partition (one
-    sub_group_size group at a time) and Adam's denominator. Offloaded parts live in CPU memory (0 here)."""
-    part = math.ceil(pc.total / zero)
-    weights = s * (part + pc.persistent) if zero > 1 else s * pc.total  # persistent: a partition and the whole
+    sub_group_size group at a time) and Adam's denominator. Offloaded parts live in CPU memory (0 here).
+
+    With LoRA ``adapters`` (``model.lora``) the base weights ``pc`` are frozen: they keep their partition, and the
+    gradient partition, fp32 master, Adam moments and the step's temporaries are those of the adapters alone (the
+    only parameters in the optimizer); a gathered layer's gradient is an adapter's."""
+    trained = pc if adapters is None else adapters
+    part = math.ceil(trained.total / zero)
+    weights = _weight_bytes(pc, zero, s, offload_param)
+    if adapters is not None:
+        weights += _weight_bytes(adapters, zero, s, offload_param)
     step = FP32 * min(part, sub_group_size)
     return {
-        "weights": s * pc.persistent if offload_param else weights,
+        "weights": weights,
         "grad_partition": 0 if offload_optimizer else s * part,
         "master_adam": 0 if offload_optimizer else 3 * FP32 * part,
         "step_fp32_grad": 0 if offload_optimizer else step,
         "step_adam_temp": 0 if offload_optimizer else step,
         "layer_gathered": s * pc.largest_layer,
-        "layer_grad": s * (pc.largest_layer + pc.persistent),  # persistent tensors' gradients are whole too
+        "layer_grad": s * (trained.largest_layer + trained.persistent),  # persistent tensors' gradients are whole too
     }
 
 
@@ -264,34 +355,42 @@ def plan(cfg: RunConfig, layout: Layout) -> Plan:
     # ZeRO-3 partitions over every GPU, sequence parallelism or not (engine/distill/roles.py: a sequence-parallel
     # group's ranks hold different shares of one gradient, which ZeRO reduces together)
     zero = layout.gpus if ds.zero_stage == 3 else 1
-    pc = count_params(m, ds.param_persistence_threshold if ds.zero_stage == 3 else 0)
+    threshold = ds.param_persistence_threshold if ds.zero_stage == 3 else 0
+    pc = count_params(m, threshold)
+    adapters = count_adapter_params(m, threshold)  # model.lora: the trained parameters (None: the full weights)
     part = math.ceil(pc.total / zero)  # partition of every parameter (persistent ones included) for grads/optimizer
+    trained_part = part if adapters is None else math.ceil(adapters.total / zero)
     rows: list[tuple[str, float, str]] = []
     add = lambda name, value, note="": rows.append((name, float(value), note))  # noqa: E731
 
     # -- model states ------------------------------------------------------------------------------------------------
-    st = role_states(pc, zero, s, ds.offload_optimizer, ds.offload_param)
+    st = role_states(pc, zero, s, ds.offload_optimizer, ds.offload_param, adapters=adapters)
     off = " (offloaded to CPU)"
     # The teacher's engine (no optimizer) does not hold the persistent tensors whole between uses (measured).
     teacher_weights = 0 if ds.offload_param else s * part if zero > 1 else s * pc.total
     add("teacher weights", teacher_weights, f"{pc.total / 1e9:.2f}B params x {s} B / {zero}" + off * ds.offload_param)
+    what = "" if adapters is None else f" of the LoRA adapters (rank {m.lora.rank}, {adapters.total / 1e6:,.1f}M)"
     for role in ("generator", "critic"):
-        add(f"{role} weights", st["weights"], "same partition" + off * ds.offload_param)
+        note = "same partition" if adapters is None else "frozen base (same partition) + the adapters'"
+        add(f"{role} weights", st["weights"], note + off * ds.offload_param)
         if ds.offload_optimizer:
-            add(f"{role} grads + fp32 master + Adam", 0, f"{(s + 12) * part / GB:.1f} GB in CPU memory (offloaded)")
+            add(f"{role} grads + fp32 master + Adam", 0,
+                f"{(s + 12) * trained_part / GB:.1f} GB in CPU memory (offloaded){what}")  # fmt: skip
         else:
-            add(f"{role} grad partition", st["grad_partition"], f"{s} B/param")
-            add(f"{role} fp32 master + Adam m, v", st["master_adam"], "12 B/param")
+            add(f"{role} grad partition", st["grad_partition"], f"{s} B/param{what}")
+            add(f"{role} fp32 master + Adam m, v", st["master_adam"], f"12 B/param{what}")
     ema = getattr(cfg.method, "ema", None)  # method.ema (generator EMA): an fp32 copy of the rank's partition
     if ema is not None and getattr(ema, "enabled", False):
-        add("generator EMA", FP32 * part, "fp32 copy of the partition")
+        add("generator EMA", FP32 * trained_part, "fp32 copy of the trained partition")
     step_transient = st["step_fp32_grad"] + st["step_adam_temp"]
     # -- parameters gathered by ZeRO-3 and the reduce bucket ----------------------------------------------------------
-    partitioned = pc.total - pc.persistent
+    partitioned = pc.total - pc.persistent + (0 if adapters is None else adapters.total - adapters.persistent)
     # The generator runs several times per step (rollout, sample, trained forward), so ZeRO-3's trace reuses its
     # parameters within stage3_max_reuse_distance and keeps them gathered between uses; the teacher and critic
-    # release theirs after each use (measured: benchmarks/memory_plan_check.py reads ds_status on 2 ranks).
-    kept = min(partitioned, REUSE_DISTANCE, ds.max_live_parameters) if zero > 1 and not ds.offload_param else 0
+    # release theirs after each use (measured: benchmarks/memory_plan_check.py reads ds_status on 2 ranks). With LoRA
+    # the modules no gradient reaches are released too.
+    reused = partitioned - forward_only_params(m, threshold)
+    kept = min(reused, REUSE_DISTANCE, ds.max_live_parameters) if zero > 1 and not ds.offload_param else 0
     if zero > 1:
         add("generator params kept gathered", s * kept,
             f"{kept / 1e6:,.0f}M elements (stage3_max_reuse_distance 1e9, max_live_parameters "
@@ -369,12 +468,14 @@ def plan(cfg: RunConfig, layout: Layout) -> Plan:
 
 def cycle_forwards(cfg: RunConfig) -> dict[str, float]:
     """Forward-equivalents per sample of one 5:1 cycle (engine/distill/method.py): a forward counts 1, a forward
-    with backward 3 (backward = 2 forwards), a checkpointed block's recompute 1 more. The backward-simulation exit k
+    with backward 3 (backward = 2 forwards; with LoRA less, engine.models.flops.train_passes), a checkpointed block's
+    recompute 1 more. The backward-simulation exit k
     is uniform over the K student steps, so a rollout costs (K - 1) / 2 forwards on average."""
     n = cfg.method.critic_per_generator
     k = len(cfg.diffusion.student_timesteps)
     rollout = (k - 1) / 2
-    train = 3 + (1 if cfg.model.gradient_checkpointing else 0)
+    passes = train_passes(cfg.model, latent_tokens(cfg)[0], cfg.text_encoder.max_length)  # LoRA: under 3
+    train = passes + (1 if cfg.model.gradient_checkpointing else 0)
     d = cfg.diffusion
     cfg_passes = 2 if d.guidance_scale != 0 or d.guidance_form != "standard" else 1
     critic_eval = 2 if cfg.method.fake_guidance_scale > 0 else 1

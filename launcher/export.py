@@ -29,6 +29,11 @@ VAE, umT5 and tokenizer from the run config) that WanPipeline.from_pretrained(ou
 
 --lora extracts a LoRA of the student over --teacher (SVD per block linear; <lora>.report.json holds the per-layer
 reconstruction error) in ComfyUI's or diffusers' key layout; --merge-lora merges one into --checkpoint.
+
+    python launcher/export.py --checkpoint runs/lora/checkpoints/step_00000600 --lora deploy/x_lora.safetensors
+
+A LoRA-trained run (model.lora) needs no SVD: --lora without --teacher writes its generator's adapters as trained
+(the EMA's when the run kept one), and --out/--single-file write the merged student (W + alpha / r B A).
 See docs/deploy.md.
 """
 
@@ -41,7 +46,14 @@ import sys
 import torch
 
 from engine import console
-from engine.deploy import export_deploy, export_lora, export_pipeline, export_single_file, pipeline_run_config
+from engine.deploy import (
+    export_deploy,
+    export_lora,
+    export_pipeline,
+    export_single_file,
+    export_trained_lora,
+    pipeline_run_config,
+)
 from engine.models.checkpoint import CheckpointError
 from engine.models.interp_unet import InterpolatorError
 
@@ -64,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pipeline", action="store_true", help="make --out a complete diffusers WanPipeline (VAE, umT5, scheduler)"
     )
-    p.add_argument("--lora", help="extract a LoRA of --checkpoint over --teacher into this .safetensors file")
+    p.add_argument(
+        "--lora",
+        help="write a LoRA of --checkpoint into this .safetensors file: by SVD over --teacher, or a LoRA-"
+        "trained run's adapters as they are (no --teacher)",
+    )
     p.add_argument("--teacher", help="--lora: the model the LoRA applies to (any DiT checkpoint)")
-    p.add_argument("--rank", type=int, help="--lora: the LoRA rank")
+    p.add_argument("--rank", type=int, help="--lora: the LoRA rank (of a LoRA-trained run: its own)")
     p.add_argument("--lora-format", choices=["comfy", "diffusers"], default="comfy", help="--lora: key layout")
     p.add_argument("--merge-lora", help="merge this LoRA file into --checkpoint before writing --out/--single-file")
     console.add_verbose_flag(p)
@@ -95,8 +111,10 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--single-file: {args.single_file} must end in .safetensors")
     if args.pipeline and not (args.out and args.checkpoint):
         raise ValueError("--pipeline needs --checkpoint (the student) and --out (the pipeline directory)")
-    if args.lora and not (args.checkpoint and args.teacher and args.rank):
-        raise ValueError("--lora needs --checkpoint (the student), --teacher and --rank")
+    if args.lora and not args.checkpoint:
+        raise ValueError("--lora needs --checkpoint (the student; with --teacher and --rank for an SVD extraction)")
+    if args.lora and args.teacher and not args.rank:
+        raise ValueError("--lora with --teacher (an SVD extraction) needs --rank")
     if args.merge_lora and not (args.checkpoint and (args.out or args.single_file)):
         raise ValueError("--merge-lora needs --checkpoint (the base model) and --out and/or --single-file")
     run_cfg = pipeline_run_config(args.checkpoint, args.config) if args.pipeline else None
@@ -119,7 +137,13 @@ def run(args: argparse.Namespace) -> dict:
             args.checkpoint, args.single_file, run_config=args.config, dtype=dtype, fp8=args.fp8, lora=args.merge_lora
         )
         info["single_file"] = {"path": str(path), "bytes": path.stat().st_size, "fp8": args.fp8}
-    if args.lora:
+    if args.lora and not args.teacher:  # a LoRA-trained run's adapters, as trained
+        dtype = DTYPES[args.dtype or "bf16"]
+        report = export_trained_lora(args.checkpoint, args.lora, layout=args.lora_format, dtype=dtype,
+                                     run_config=args.config, rank=args.rank)  # fmt: skip
+        info["lora"] = {"path": args.lora, "rank": report["rank"], "alpha": report["alpha"], "layout": args.lora_format,
+                        "trained": True, "ema": report["ema"], "layers": len(report["layers"])}  # fmt: skip
+    elif args.lora:
         dtype = DTYPES[args.dtype or "bf16"]
         report = export_lora(args.checkpoint, args.teacher, args.lora, args.rank, layout=args.lora_format,
                              dtype=dtype, run_config=args.config)  # fmt: skip

@@ -232,8 +232,12 @@ def test_run_dir_must_be_writable(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["method.dmd.enabled=false", "method.critic_per_generator=1", "method.regression.enabled=false",
-         "method.temporal.enabled=false"],  # fmt: skip
+        [
+            "method.dmd.enabled=false",
+            "method.critic_per_generator=1",
+            "method.regression.enabled=false",
+            "method.temporal.enabled=false",
+        ],  # fmt: skip
         ["method.dmd.weight=0", "method.regression.weight=0", "method.temporal.enabled=false"],
     ],
 )

@@ -13,10 +13,20 @@ import pytest
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
 
-from engine.config import load_config, model_preset
+from engine.config import LoraConfig, load_config, model_preset
+from engine.models.adapters import add_adapters
 from engine.models.rope import rope_tables
 from engine.models.wan import WanModel
-from engine.plan import Layout, block_saved_bytes, count_params, cycle_forwards, fit, plan, role_states
+from engine.plan import (
+    Layout,
+    block_saved_bytes,
+    count_adapter_params,
+    count_params,
+    cycle_forwards,
+    fit,
+    plan,
+    role_states,
+)
 from launcher import plan as plan_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +41,45 @@ def test_parameter_count_matches_deepspeed(preset):
     assert (pc.total, pc.largest_layer) == (total, largest)
     small = sum(p.numel() for p in WanModel(cfg).parameters() if p.numel() < 100_000)
     assert pc.persistent == small
+
+
+@pytest.mark.parametrize("preset, rank", [("tiny", 4), ("toy", 16)])
+def test_lora_adapter_count_matches_the_adapted_model(preset, rank):
+    """The planner's adapter count (no peft, no model) against peft's layers on a real model: the trained parameters,
+    those under the persistence threshold, the largest trained module (what ZeRO-3 gathers a gradient of)."""
+    cfg = model_preset(preset, lora=LoraConfig(rank=rank))
+    model = WanModel(cfg)
+    add_adapters(model, cfg, seed=0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    pc = count_adapter_params(cfg, 1000)
+    assert pc.total == sum(p.numel() for p in trained)
+    assert pc.persistent == sum(p.numel() for p in trained if p.numel() < 1000)
+    assert pc.largest_layer == max(
+        sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad) for m in model.modules()
+    )
+    assert count_adapter_params(model_preset(preset), 1000) is None  # rank 0: the full weights train
+
+
+def test_a_lora_plan_keeps_the_frozen_base_and_the_adapters_optimizer_states_only():
+    """model.lora on the 14B recipe (optimizer on the GPU): the base weights stay (same partition per role), the
+    gradient partition and the fp32 master + Adam are the adapters' (12 B per adapter parameter over the ranks), the
+    step is faster (no weight gradients of the frozen linears)."""
+    on_device = ["deepspeed.offload_optimizer=false"]
+    full = plan(load_config(RECIPES["14b"], on_device), Layout(gpus=24))
+    lora = plan(load_config(RECIPES["14b"], [*on_device, "model.lora.rank=64"]), Layout(gpus=24))
+    rows_full, rows_lora = ({n: v for n, v, _ in p.rows} for p in (full, lora))
+    adapters = count_adapter_params(lora.cfg.model, lora.cfg.deepspeed.param_persistence_threshold)
+    assert adapters.total == 40 * 64 * (8 * 2 * 5120 + 2 * (5120 + 13824))  # 10 linears per block, r (in + out) each
+    part = math.ceil(adapters.total / 24)
+    for role in ("generator", "critic"):
+        assert rows_lora[f"{role} fp32 master + Adam m, v"] == 12 * part
+        assert rows_lora[f"{role} grad partition"] == 2 * part
+        assert rows_lora[f"{role} weights"] == pytest.approx(rows_full[f"{role} weights"] + 2 * part, rel=1e-6)
+    assert rows_lora["teacher weights"] == rows_full["teacher weights"]
+    # 2 roles x (gradient + master + Adam: 14 B per trained parameter) less the adapters' own weights (2 B each)
+    saved = 2 * (14 * (math.ceil(full.params.total / 24) - part) - 2 * part)
+    assert full.phases["resident"] - lora.phases["resident"] == pytest.approx(saved, rel=0.01)
+    assert lora.timing["step_s"] < full.timing["step_s"]
 
 
 @pytest.mark.parametrize("preset", ["1.3b", "14b"])
@@ -60,13 +109,16 @@ def test_model_states_within_5_percent_of_deepspeed_estimator(preset, gpus, offl
     assert ours == pytest.approx(gpu_mem, rel=0.05)
 
 
+@pytest.mark.parametrize("rank", [0, 16], ids=["full", "lora16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grid", [(5, 4, 4), (9, 8, 8)])
-def test_block_activations_match_autograd_saved_tensors(dtype, grid):
+def test_block_activations_match_autograd_saved_tensors(dtype, grid, rank):
     """The per-block formula against the bytes autograd actually saves (a saved-tensors hook, storages counted once,
-    parameters excluded) on the reference path."""
-    cfg = dataclasses.replace(model_preset("toy"), fused_kernels=False)
+    parameters excluded) on the reference path; with LoRA adapters (model.lora) on a frozen base too."""
+    cfg = dataclasses.replace(model_preset("toy"), fused_kernels=False, lora=LoraConfig(rank=rank))
     model = WanModel(cfg).to(dtype)
+    if rank:
+        add_adapters(model, cfg, seed=0, dtype=dtype)
     block, n, text_len = model.blocks[0], math.prod(grid), 6
     x = torch.randn(1, n, cfg.dim, dtype=dtype, requires_grad=True)
     e0 = torch.randn(1, 6, cfg.dim)
@@ -178,6 +230,27 @@ def test_planner_matches_measured_peak_memory_on_two_ranks():
     assert ratio["resident"] == pytest.approx(1.0, abs=0.05)
     assert ratio["peak"] == pytest.approx(1.0, abs=0.15)
     assert ratio["activations"] == pytest.approx(1.0, abs=0.15)
+
+
+@pytest.mark.distributed
+def test_planner_matches_the_measured_model_states_of_a_lora_run_on_two_ranks():
+    """model.lora (rank 16) measured on 2 gloo ranks: the fp32 master, Adam and gradient partitions DeepSpeed holds
+    are the adapters' and equal the planner's rows; the resident model states within 5%, the peak within 15%."""
+    from benchmarks.memory_plan_check import compare, run_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        row = run_config("toy-320-lora16-nockpt", Path(tmp))
+    cfg = load_config(ROOT / "configs" / "toy.yaml", ["model.lora.rank=16"]).model
+    part = math.ceil(count_adapter_params(cfg, 0).total / 2) * 4  # fp32 bytes of a rank's adapter partition
+    planned = row["planned"]["rows"]
+    for census in (r["census"] for r in row["measured"]):
+        for role in ("generator", "critic"):
+            assert census[f"{role}.fp32_master"] == part and census[f"{role}.adam"] == 2 * part
+            assert census[f"{role}.grad_partition"] == part == planned[f"{role} grad partition"]
+            assert planned[f"{role} fp32 master + Adam m, v"] == 3 * part
+    ratio = compare(row)
+    assert ratio["resident"] == pytest.approx(1.0, abs=0.05)
+    assert ratio["peak"] == pytest.approx(1.0, abs=0.15)
 
 
 def test_table_rows_fit_after_the_change(capsys):

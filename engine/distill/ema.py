@@ -2,8 +2,9 @@
 
 Under ZeRO-3 every rank averages its own partition of each parameter (``param.ds_tensor``) and nothing is gathered:
 the EMA costs one fp32 copy of the rank's partition and no communication. At ZeRO stages 0-2 each rank holds the
-whole model and averages all of it. The average is kept in fp32 whatever the training dtype (a bf16 average would
-drop most of an update at decay 0.99).
+whole model and averages all of it. Only trained parameters are averaged: with ``model.lora`` the adapters (the
+frozen base weights never move, so their average is themselves). The average is kept in fp32 whatever the training
+dtype (a bf16 average would drop most of an update at decay 0.99).
 
 After each generator update the loop applied at trainer step ``n``: below ``start_step`` the EMA is a copy of the
 weights; from it on, ``ema <- decay ema + (1 - decay) w``. Each rank checkpoints its own part (the trainer's per-rank
@@ -30,7 +31,7 @@ class PartitionedEMA:
     def __init__(self, engine, decay: float, start_step: int):
         """``engine``: the generator's DeepSpeed engine (or any object with ``.module``)."""
         self.engine, self.decay, self.start_step = engine, decay, start_step
-        self.params = dict(engine.module.named_parameters())
+        self.params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
         self.zero3 = any(hasattr(p, "ds_tensor") for p in self.params.values())
         self.shadow = self._copy()
 

@@ -15,12 +15,13 @@ import torch
 
 from engine.config import ConfigError, RunConfig, check_sequence_parallel, resolve_dtype, save_config
 from engine.deploy import export_interpolator, interpolator_dir
-from engine.distill.export import export_diffusers
+from engine.distill.export import export_adapters, export_diffusers
 from engine.distill.method import DMDMethod
 from engine.distill.roles import build_roles, resolve_model_config
 from engine.distill.samples import world_sampler
 from engine.models.checkpoint import weights_fingerprint
 from engine.models.interp_unet import InterpolatorError, check_channels, read_interpolator_config
+from engine.models.lora import LAYOUTS as LORA_LAYOUTS
 from engine.train import checkpoint as ckpt
 from engine.train import dist, runlock
 from engine.train.accum import MicroBatches
@@ -75,9 +76,23 @@ def raw_export_dir(cfg: RunConfig) -> Path:
     return Path(cfg.logging.run_dir) / "export" / "transformer_raw"
 
 
+def lora_export_files(cfg: RunConfig) -> dict[str, Path]:
+    """layout -> the LoRA file a LoRA-trained run exports its generator's adapters to (none for full weights)."""
+    if not cfg.model.lora.enabled:
+        return {}
+    return {layout: Path(cfg.logging.run_dir) / "export" / f"lora_{layout}.safetensors" for layout in LORA_LAYOUTS}
+
+
 def _exported(cfg: RunConfig) -> bool:
     dirs = [export_dir(cfg)] + ([raw_export_dir(cfg)] if cfg.method.ema.enabled else [])
-    return all((d / "config.json").is_file() for d in dirs)
+    files = [d / "config.json" for d in dirs] + list(lora_export_files(cfg).values())
+    return all(f.is_file() for f in files)
+
+
+def lora_spec(cfg: RunConfig) -> dict | None:
+    """What a checkpoint records of ``model.lora`` (None: full weights); a resume must match it."""
+    lora = cfg.model.lora
+    return {"rank": lora.rank, "alpha": lora.rank * lora.scale, "targets": list(lora.targets)} if lora.enabled else None
 
 
 def finished_summary(cfg: RunConfig) -> dict | None:
@@ -101,6 +116,9 @@ def run_distillation(cfg: RunConfig, make_world: WorldFactory = training_world, 
     ckpts = Path(cfg.logging.run_dir) / "checkpoints"
     ckpt.check_teacher(ckpts, cfg.checkpoint.resume, teacher_id, cfg.model.checkpoint)
     ckpt.check_sequence_degree(ckpts, cfg.checkpoint.resume, cfg.parallel.sequence_parallel)
+    ckpt.check_meta(
+        ckpts, cfg.checkpoint.resume, "lora", lora_spec(cfg), "model.lora"
+    )  # adapters and full weights (or adapters of another shape) do not resume into each other
     if (done := finished_summary(cfg)) is not None:
         return done
     dist.init()
@@ -130,6 +148,8 @@ def _run(cfg: RunConfig, make_world: WorldFactory, on_step, model_cfg, interp: P
             if method.ema is not None and not weights_finite([gen]):
                 raise NonFiniteWeightsError(f"non-finite generator EMA weights: export to {export} refused")
             export_diffusers(gen, model_cfg, export)
+            for layout, path in lora_export_files(cfg).items():  # the adapters themselves, as trained (no SVD)
+                export_adapters(gen, model_cfg, path, layout)
         if method.ema is not None:
             export_diffusers(gen, model_cfg, raw_export_dir(cfg))
         if interp is not None and dist.is_main():
@@ -141,6 +161,6 @@ def _run(cfg: RunConfig, make_world: WorldFactory, on_step, model_cfg, interp: P
         LoopSettings.of(cfg), method, source, cfg=cfg, on_step=on_step,
         sampler=sample if write else None, sample_every=cfg.logging.sample_every,
         exporter=exporter if cfg.checkpoint.export else None, export_done=lambda: _exported(cfg),
-        meta={"teacher": teacher_id, "sequence_parallel": cfg.parallel.sequence_parallel},
+        meta={"teacher": teacher_id, "sequence_parallel": cfg.parallel.sequence_parallel, "lora": lora_spec(cfg)},
     )  # fmt: skip
     return loop.run()

@@ -22,7 +22,7 @@ from engine.diffusion.samplers import guided_velocity
 from engine.distill.ema import PartitionedEMA
 from engine.distill.roles import Roles
 from engine.losses import AdaptiveRegressionLoss, critic_flow_loss, dmd_loss, temporal_regularization
-from engine.models.flops import dit_forward_flops
+from engine.models.flops import dit_forward_flops, train_passes
 from engine.train import dist
 from engine.train.loop import Update
 from engine.train.observe import peak_tflops
@@ -52,7 +52,8 @@ class DMDMethod:
         self.timer = PhaseTimer(events=cfg.logging.phase_timing)
         fwd = dit_forward_flops(roles.model_cfg, self.latent_shape[1:], self.uncond.shape[1])
         self.flops_per_forward, self.tokens_per_sample = fwd["total"], fwd["tokens"]
-        self.flops = 0.0  # model FLOPs executed since the last pop_flops() (forward 1x, forward+backward 3x)
+        self.train_passes = train_passes(roles.model_cfg, self.latent_shape[1:], self.uncond.shape[1])
+        self.flops = 0.0  # model FLOPs run since the last pop_flops() (forward 1x, forward + backward train_passes)
 
     def _count(self, samples: int, passes: float) -> None:
         self.flops += samples * passes * self.flops_per_forward
@@ -157,7 +158,7 @@ class DMDMethod:
             inputs.append(self.schedule.add_noise(y, self._noise(y.shape, rng), y_sigma))
             sigmas.append(y_sigma)
             contexts.append(batch.real_context)
-        self._count(sum(i.shape[0] for i in inputs), 3)
+        self._count(sum(i.shape[0] for i in inputs), self.train_passes)
         with self.timer("generator_forward"):
             x0 = self._x0(self.roles.generator, torch.cat(inputs), torch.cat(sigmas), torch.cat(contexts))
         x = x0[: x_k.shape[0]]  # generator samples, DMD branch (B, C, F, H, W)
@@ -196,7 +197,7 @@ class DMDMethod:
             x_k, s_k = self._rollout_input(batch.prompts, rng, shared)
             with torch.no_grad():
                 x = self._x0(self.roles.generator.module, x_k, s_k, batch.prompts)
-        self._count(x.shape[0], 1 + 3)  # the sample, then the critic's forward + backward
+        self._count(x.shape[0], 1 + self.train_passes)  # the sample, then the critic's forward + backward
         sigma = self._draw_sigma(x.shape[0], rng)
         noise = self._noise(x.shape, rng)
         with self.timer("critic_forward"):

@@ -3,6 +3,10 @@ all initialized from the teacher checkpoint, each its own DeepSpeed engine (ZeRO
 
 Weights stream from safetensors one tensor at a time; under ZeRO-3 each tensor is written into the partitioned
 parameters of all three models inside one ``GatheredParameters`` (rank 0 writes, DeepSpeed re-partitions).
+
+With ``model.lora`` the generator and the critic get LoRA adapters on their (loaded, partitioned) teacher weights
+before ``deepspeed.initialize`` (engine/models/adapters.py): their base weights are frozen, only the adapters are
+trained, and each optimizer holds the adapters alone (so do ZeRO's fp32 master copies and Adam moments).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, deepspeed_config
+from engine.models.adapters import add_adapters
 from engine.models.checkpoint import (
     CheckpointError,
     checkpoint_keys,
@@ -30,7 +35,7 @@ from engine.train.optim import adamw
 from engine.train.warmup import linear_warmup
 from engine.train.zero_trace import keep_grad_trace
 
-RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len")
+RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len", "lora")
 
 
 def _arch(cfg: ModelConfig) -> dict:
@@ -127,6 +132,9 @@ def build_roles(cfg: RunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> R
     critic = _construct(model_cfg, ds_cfg, dtype)
     load_into([teacher, generator, critic], cfg.model.checkpoint)
     teacher.requires_grad_(False).eval()
+    if model_cfg.lora.enabled:  # adapters on the loaded weights, before deepspeed.initialize partitions them
+        for i, model in enumerate((generator, critic)):
+            add_adapters(model, model_cfg, seed=cfg.train.seed * 1009 + 1 + i, dtype=dtype)
     warmup = linear_warmup(cfg.optim.warmup_steps)  # each role's own updates; None: constant rate
     gen_engine, *_ = deepspeed.initialize(
         model=generator, optimizer=_adamw(generator, cfg, cfg.optim.lr), config=ds_cfg, lr_scheduler=warmup

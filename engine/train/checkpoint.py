@@ -551,3 +551,18 @@ def check_teacher(root: Path, resume: str, teacher_id: str | None, teacher_path:
             f"config key `model.checkpoint`: {path} was distilled from other teacher weights (fingerprint {saved}) "
             f"than {teacher_path} holds now ({teacher_id}); restore that teacher, or start a new logging.run_dir"
         )
+
+
+def check_meta(root: Path, resume: str, key: str, value, config_key: str) -> None:
+    """A run resumes only with the setting ``value`` its checkpoint recorded under ``key`` (missing: None), e.g.
+    ``model.lora``: adapters of one rank and targets do not load into another's, nor into full weights. Checked
+    before any model is built; a mismatch is a ConfigError naming ``config_key`` and both values."""
+    path = find_resume(root, resume)
+    if path is None:
+        return
+    saved = read_shared(path).get(key)
+    if saved != value:
+        raise ConfigError(
+            f"config key `{config_key}`: {path} was trained with {config_key} = {saved}, this run has {value}; "
+            f"resume with the same {config_key}, or start a new logging.run_dir"
+        )

@@ -12,7 +12,9 @@ Faults, by environment variable (steps are the loop's 0-based step index, as in 
     NAN_SCORES=teacher:5,...    that role's (teacher or critic) score at that step is NaN
     POISON_WEIGHTS=generator:3:1  after step 3, rank 1's partition of the generator's first weight becomes NaN
 With RECORD_GENERATOR=1 rank 0 also writes <run_dir>/generator_step<n>.pt, the full generator after each step n that
-changed it, and <run_dir>/sampled_step<n>.pt, the full weights the sample-video writer got at step n.
+changed it, and <run_dir>/sampled_step<n>.pt, the full weights the sample-video writer got at step n. With
+SAMPLE_VIDEOS=1 the world has two sample prompts and a pixel codec (tanh of the first three latent channels, 8x
+nearest upsampling), so logging.sample_every writes real sample videos through the job's own sampler.
 """
 
 import json
@@ -51,6 +53,18 @@ class NanAt(TensorSource):
         return b
 
 
+class PixelCodec:
+    """Latents (B, 4, F, 4, 4) -> a (B, 3, F, 32, 32) video in [-1, 1]; nothing is ever encoded."""
+
+    z_dim, temporal_stride, spatial_stride = LATENT[0], 1, 8
+
+    def encode(self, video):
+        raise NotImplementedError
+
+    def decode(self, latents):
+        return torch.tanh(latents[:, :3].float()).repeat_interleave(8, -1).repeat_interleave(8, -2)
+
+
 def make_world(cfg, device):
     g = torch.Generator().manual_seed(1234)
     t = torch.linspace(0, 1, LATENT[1]).view(1, 1, -1, 1, 1)
@@ -66,7 +80,11 @@ def make_world(cfg, device):
         seed=cfg.train.seed,
         nan_batches=nan,
     )
-    return World(source=source, uncond=torch.zeros(1, *CTX), latent_shape=LATENT)
+    if not os.environ.get("SAMPLE_VIDEOS"):
+        return World(source=source, uncond=torch.zeros(1, *CTX), latent_shape=LATENT)
+    prompts = ["a red ball", "a blue cube"]
+    return World(source=source, uncond=torch.zeros(1, *CTX), latent_shape=LATENT, sample_prompts=prompts,
+                 sample_context=torch.randn(len(prompts), *CTX, generator=g), load_codec=PixelCodec)  # fmt: skip
 
 
 def _faults(name):
@@ -148,6 +166,21 @@ def _zero3_vs_plain(trainer):
         return float((partitioned - plain(x, t, ctx)).abs().max())
 
 
+def _optimizer_census(engine):
+    """What the engine's optimizer holds on this rank: the names of the parameters it steps, summed over the ranks the
+    elements of its fp32 master partitions and of Adam's moments (ZeRO-3's flat partitions)."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None) or [g["params"] for g in opt.param_groups]
+    stepped = sorted(names[id(p)] for g in groups for p in g)
+    flat = getattr(opt, "fp32_partitioned_groups_flat", [])
+    inner = getattr(opt, "optimizer", opt)
+    moments = [v for st in inner.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    counts = torch.tensor([float(sum(t.numel() for t in flat)), float(sum(t.numel() for t in moments))])
+    fp32, adam = dist.all_reduce_sum(counts).tolist()
+    return {"stepped": stepped, "fp32_master": int(fp32), "adam": int(adam)}
+
+
 class Recorder:
     def __init__(self, run_dir: Path):
         self.run_dir, self.prev, self.rows, self.zero3_vs_plain = run_dir, None, [], None
@@ -184,6 +217,7 @@ class Recorder:
                     torch.save(full, self.run_dir / f"generator_step{trainer.step}.pt")
         self.prev = now
         if trainer.step == trainer.cfg.train.max_steps and metrics is not None:
+            self.trained = {k: _optimizer_census(e) for k, e in trainer.method.engines.items()}
             full = {k: _full(m) for k, m in _modules(trainer).items() if k != "teacher"}
             if dist.is_main():
                 torch.save(full, self.run_dir / "final_weights.pt")
@@ -219,6 +253,7 @@ def main():
             "partition": getattr(rec, "partition", None),  # None: the job built no model (it had finished)
             "zero3_vs_plain": rec.zero3_vs_plain,
             "optimizers": getattr(rec, "optimizers", None),  # the basic optimizer inside each DeepSpeed engine
+            "trained": getattr(rec, "trained", None),  # what each trained engine's optimizer steps and holds
         }
         (run_dir / "report.json").write_text(json.dumps(report, indent=1))
 
