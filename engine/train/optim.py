@@ -19,6 +19,7 @@ import torch
 from engine.config import ConfigError
 
 KEY = "deepspeed.offload_optimizer"
+STALE_BUILD_LOCK_S = 600  # a just-in-time build takes about a minute; a lock this old is a build that was killed
 
 
 def _first_line(exc: BaseException) -> str:
@@ -35,6 +36,7 @@ def load_cpu_adam() -> Any:
     builder = CPUAdamBuilder()
     if not builder.is_compatible(verbose=False):
         raise ConfigError(f"config key `{KEY}`: DeepSpeed's CPU Adam (cpu_adam op) is not supported on this machine")
+    check_build_lock(builder.name)
     try:
         return builder.load(verbose=False)
     except Exception as exc:  # a missing compiler or ninja, a failed compile: all say the same to the user
@@ -42,6 +44,28 @@ def load_cpu_adam() -> Any:
             f"config key `{KEY}`: DeepSpeed's CPU Adam (cpu_adam op) neither is installed nor builds here "
             f"({_first_line(exc)}); reinstall deepspeed with DS_BUILD_CPU_ADAM=1, or set it to false"
         ) from exc
+
+
+def check_build_lock(name: str, now: float | None = None) -> None:
+    """torch's just-in-time build waits, without end or message, while another build's ``lock`` file exists; a build
+    that was killed (Ctrl-C during the first offloaded run) leaves it behind. Such a lock, with no built library
+    beside it, is an error naming the file instead of a silent hang."""
+    import time
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build = Path(_get_build_directory(name, verbose=False))
+    lock = build / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_S and not (build / f"{name}.so").exists():
+        raise ConfigError(
+            f"config key `{KEY}`: {lock} is {age / 60:.0f} min old: an interrupted build of DeepSpeed's CPU Adam; "
+            "if no other job is building it, remove that file and run again"
+        )
 
 
 def check_offload(cfg: Any, zero_stage: int | None = None) -> None:

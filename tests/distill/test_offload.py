@@ -85,3 +85,28 @@ def test_offloaded_training_matches_the_device_optimizer(tmp_path, teacher):  # 
         for name, w in weights[role].items():
             start = ref_weights[role][name]
             torch.testing.assert_close(w, start, rtol=1e-5, atol=1e-6, msg=f"{role} {name}")
+
+
+def test_a_stale_build_lock_is_an_error_naming_the_file_not_a_hang(tmp_path, monkeypatch):
+    """A killed just-in-time build leaves `<build dir>/lock`; torch would wait on it forever."""
+    import os
+    import time
+
+    from engine.train import optim
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build = Path(_get_build_directory("cpu_adam", verbose=False))
+    optim.check_build_lock("cpu_adam")  # no lock: nothing to say
+    lock = build / "lock"
+    lock.touch()
+    optim.check_build_lock("cpu_adam")  # a fresh lock: another build may be running, wait as torch does
+    old = time.time() - 2 * optim.STALE_BUILD_LOCK_S
+    os.utime(lock, (old, old))
+    with pytest.raises(ConfigError) as err:
+        optim.check_build_lock("cpu_adam")
+    msg = str(err.value)
+    assert msg.startswith("config key `deepspeed.offload_optimizer`:") and str(lock) in msg and "20 min old" in msg
+    (build / "cpu_adam.so").touch()  # built: the lock is harmless
+    optim.check_build_lock("cpu_adam")
