@@ -527,16 +527,10 @@ def finished(root: Path, resume: str, max_steps: int) -> dict | None:
 def check_sequence_degree(root: Path, resume: str, degree: int) -> None:
     """A run resumes with the sequence-parallel degree it was written with: each rank's data position and noise
     generator follow its data-parallel rank, which the degree decides. Checked before any model is built."""
-    path = find_resume(root, resume)
-    if path is None:
-        return
-    saved = int(read_shared(path).get("sequence_parallel", 1))
-    if saved != degree:
-        raise ConfigError(
-            f"config key `parallel.sequence_parallel`: {degree}, but {path} was written with {saved} (the ranks' data "
-            f"positions and noise follow the sequence-parallel groups); resume with {saved}, or start a new "
-            "logging.run_dir"
-        )
+    check_meta(
+        root, resume, "sequence_parallel", degree, "parallel.sequence_parallel", default=1,
+        why="the ranks' data positions and noise follow the sequence-parallel groups",
+    )  # fmt: skip
 
 
 def check_teacher(root: Path, resume: str, teacher_id: str | None, teacher_path: str | None) -> None:
@@ -553,16 +547,17 @@ def check_teacher(root: Path, resume: str, teacher_id: str | None, teacher_path:
         )
 
 
-def check_meta(root: Path, resume: str, key: str, value, config_key: str) -> None:
-    """A run resumes only with the setting ``value`` its checkpoint recorded under ``key`` (missing: None), e.g.
-    ``model.lora``: adapters of one rank and targets do not load into another's, nor into full weights. Checked
-    before any model is built; a mismatch is a ConfigError naming ``config_key`` and both values."""
+def check_meta(root: Path, resume: str, key: str, value, config_key: str, default=None, why: str = "") -> None:
+    """A run resumes only with the setting ``value`` its checkpoint recorded under ``key`` (missing: ``default``),
+    e.g. ``model.lora``: adapters of one rank and targets do not load into another's, nor into full weights. Checked
+    before any model is built; a mismatch is a ConfigError naming ``config_key``, both values and ``why``."""
     path = find_resume(root, resume)
     if path is None:
         return
-    saved = read_shared(path).get(key)
+    saved = read_shared(path).get(key, default)
     if saved != value:
         raise ConfigError(
-            f"config key `{config_key}`: {path} was trained with {config_key} = {saved}, this run has {value}; "
-            f"resume with the same {config_key}, or start a new logging.run_dir"
+            f"config key `{config_key}`: {value}, but {path} was written with {saved}"
+            + (f" ({why})" if why else "")
+            + f"; resume with {config_key} = {saved}, or start a new logging.run_dir"
         )
