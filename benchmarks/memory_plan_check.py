@@ -264,4 +264,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.train.dist import exit_process
+
+    exit_process(main())  # not a plain exit: engine/train/dist.py:exit_process

@@ -60,4 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.train.dist import exit_process
+
+    exit_process(main())  # not a plain exit: engine/train/dist.py:exit_process

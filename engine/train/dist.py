@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -30,19 +34,42 @@ def init(timeout_minutes: int = 30) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    atexit.register(_leave)  # also when the job ends by an exception or its caller never calls shutdown()
     if world_size() > 1:
         host_group()  # collective: created here, in the same order on every rank
 
 
 def shutdown() -> None:
-    """Leave the process group cleanly at the end of a job (every rank): the communication threads stop before the
-    interpreter tears down, instead of being destroyed while still running."""
-    global _LAYOUT
-    _LAYOUT = None
+    """Leave the process group cleanly at the end of a job (every rank): the ranks meet, then every group's
+    communication threads stop while the interpreter is still whole (see :func:`_leave`)."""
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+    _leave()
+
+
+def _leave() -> None:
+    """Destroy every process group now. Registered with atexit by :func:`init`, so that it also runs when a job ends
+    by an exception or its caller never calls :func:`shutdown`. No barrier: at exit the other ranks may be gone.
+    Destroying does not stop gloo's native threads while DeepSpeed's engines and parameters still hold the groups
+    (they do until interpreter teardown): :func:`exit_process` is how a worker ends without that teardown."""
+    global _LAYOUT, _HOST_GROUP
+    _LAYOUT = _HOST_GROUP = None
     if dist.is_initialized():
-        if world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int | None) -> NoReturn:
+    """End a worker process with ``code`` (None: 0) without interpreter teardown. The process groups are left and
+    every atexit handler runs (logging and any writer still open are flushed), then the process exits at once. What
+    interpreter teardown would do next, with gloo's worker and socket threads still running under groups DeepSpeed
+    holds, made finished 2-rank jobs die of SIGABRT now and then ("terminate called without an active
+    exception") after its results were written. Call it from a script's ``__main__`` once its work is done."""
+    _leave()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach it
+            stream.flush()
+    os._exit(int(code or 0))
 
 
 def rank() -> int:

@@ -64,4 +64,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from engine.train.dist import exit_process
+
+    exit_process(main())  # not a plain exit: engine/train/dist.py:exit_process
