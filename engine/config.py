@@ -106,6 +106,10 @@ class ModelConfig:
     fused_kernels: bool = True
     """Triton element-wise fusions (adaLN, gated residual, qk-norm+RoPE) on CUDA tensors; False = pure torch.
     VIDISTILL_KERNELS=triton|reference forces either path (kernels/_dispatch.py)."""
+    compile: bool = False
+    """``torch.compile`` each transformer block's forward (one graph per block, compiled once and reused by every
+    block; the first steps pay the compile time). Under ZeRO-3 each block is a DeepSpeed leaf module: its parameters
+    are gathered together before the block runs, so no ZeRO hook runs inside the compiled graph."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA distillation (rank 0: full weights)."""
 

@@ -70,7 +70,7 @@ from kernels._dispatch import kernel_mode
 
 log = logging.getLogger("engine.generate")
 SAMPLERS = ("student", "vif", "teacher")
-RUNTIME_FIELDS = ("attention_backend", "fused_kernels")  # how the DiT runs: from the run config, not the checkpoint
+RUNTIME_FIELDS = ("attention_backend", "fused_kernels", "compile")  # how the DiT runs: from the run config
 
 
 class GenerateError(ValueError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import deepspeed
 import torch
+from deepspeed.utils import set_z3_leaf_modules
 from safetensors import safe_open
 
 from engine.config import ARCH_FIELDS, ConfigError, ModelConfig, RunConfig, deepspeed_config
@@ -29,13 +30,13 @@ from engine.models.checkpoint import (
     weight_files,
 )
 from engine.models.sequence_parallel import SequenceParallel
-from engine.models.wan import WanModel
+from engine.models.wan import WanBlock, WanModel
 from engine.train import dist
 from engine.train.optim import adamw
 from engine.train.warmup import linear_warmup
 from engine.train.zero_trace import keep_grad_trace
 
-RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len", "lora")
+RUNTIME_FIELDS = ("attention_backend", "gradient_checkpointing", "fused_kernels", "rope_max_seq_len", "lora", "compile")
 
 
 def _arch(cfg: ModelConfig) -> dict:
@@ -82,6 +83,8 @@ def _construct(model_cfg: ModelConfig, ds_cfg: dict, dtype: torch.dtype) -> WanM
         return model.to(dtype)
     for module, param in model.external_parameters():  # gathered with the module that reads them, and prefetched
         deepspeed.zero.register_external_parameter(module, param)
+    if model_cfg.compile:  # a compiled block's parameters are gathered before it runs, none inside its graph
+        set_z3_leaf_modules(model, [WanBlock])
     return model
 
 

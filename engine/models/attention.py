@@ -7,7 +7,6 @@ fallback: a user who asked for flash3 on an H100 wants to know it did not load.
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -17,16 +16,21 @@ BACKENDS = ("flash3", "flash2", "xformers", "sdpa")
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@functools.cache
+_LOADED: dict[str, object] = {}
+"""Backend -> its imported kernel module, or None when not installed: filled on first use, outside any compiled
+region (``WanModel.forward`` resolves its backend before the blocks run), so a compiled block reads a dict and never
+imports."""
+
+
 def _module(backend: str):
     """The imported kernel module of a backend, or None when it is not installed."""
-    name = {"flash3": "flash_attn_interface", "flash2": "flash_attn", "xformers": "xformers.ops"}.get(backend)
-    if name is None:
-        return None
-    try:
-        return importlib.import_module(name)
-    except Exception:  # ImportError, or a CUDA-only extension failing to load
-        return None
+    if backend not in _LOADED:
+        name = {"flash3": "flash_attn_interface", "flash2": "flash_attn", "xformers": "xformers.ops"}.get(backend)
+        try:
+            _LOADED[backend] = None if name is None else importlib.import_module(name)
+        except Exception:  # ImportError, or a CUDA-only extension failing to load
+            _LOADED[backend] = None
+    return _LOADED[backend]
 
 
 def available_backends() -> list[str]:

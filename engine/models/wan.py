@@ -10,6 +10,7 @@ qk-norm + RoPE) go through ``kernels/`` when fused kernels are on.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import ModelConfig, validate_model
-from engine.models.attention import attention
+from engine.models.attention import attention, resolve_backend
 from engine.models.rope import rope_tables, shard_tables
 from engine.models.sequence_parallel import SequenceParallel, Shard
 from kernels import adaln, gated_residual, qk_norm_rope
@@ -117,10 +118,18 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.compiled = cfg.compile
 
     def forward(self, x, e0, ctx, cos, sin, ops: dict, backend: str, shard: Shard | None = None) -> torch.Tensor:
         """x: (B, N, D); e0: (B, 6, D) fp32; ctx: (B, L, D). Under sequence parallelism x is this rank's ``shard``
-        of the tokens: only self-attention looks beyond it."""
+        of the tokens: only self-attention looks beyond it. ``model.compile``: the same computation as one compiled
+        graph (the module's hooks, ZeRO-3's among them, run outside it)."""
+        if self.compiled and not torch.compiler.is_compiling():
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+                return _compiled_block()(self, x, e0, ctx, cos, sin, ops, backend, shard)
+        return self._forward(x, e0, ctx, cos, sin, ops, backend, shard)
+
+    def _forward(self, x, e0, ctx, cos, sin, ops: dict, backend: str, shard: Shard | None) -> torch.Tensor:
         mod = (self.modulation.float() + e0).unsqueeze(2)  # (B, 6, 1, D)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(1)  # each (B, 1, D)
         y = self.self_attn(ops["adaln"](x, shift_a, scale_a, self.eps), cos, sin, ops, backend, shard)
@@ -128,6 +137,24 @@ class WanBlock(nn.Module):
         x = x + self.cross_attn(self.norm3(x), ctx, backend)
         y = self.ffn(ops["adaln"](x, shift_f, scale_f, self.eps))
         return ops["residual"](x, y, gate_f)
+
+
+_RECOMPILE_LIMIT = 64
+"""Graphs the compiled block may hold: one per combination of what its guards see (grad mode, batch and token
+counts, a role's parameter types under ZeRO-3: a distillation job needs about 4, sampling a few more). Past it the
+job fails instead of silently running the block eagerly."""
+
+
+@functools.cache
+def _compiled_block():
+    """One compiled function for every block of every model in the process: dynamo treats a block's parameters as
+    graph inputs, so blocks of the same shape share the graph and only a new shape (or dtype, device, kernel set)
+    compiles again. fullgraph: a break inside a block is a bug to fix, not a silent slowdown."""
+
+    def run(block: WanBlock, *args):
+        return block._forward(*args)
+
+    return torch.compile(run, fullgraph=True)
 
 
 class Head(nn.Module):
@@ -249,7 +276,8 @@ class WanModel(nn.Module):
             cos, sin = shard_tables(cos, sin, shard.start, shard.stop)
         e, e0 = self.embed_time(t)
         ctx = self.text_embedding(context.to(dtype))  # (B, L, D)
-        ops, backend = self.kernel_ops, self.cfg.attention_backend
+        ops = self.kernel_ops
+        backend = resolve_backend(self.cfg.attention_backend, tokens)  # once, outside the blocks (compiled or not)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, e0, ctx, cos, sin, ops, backend, shard, use_reentrant=False)
