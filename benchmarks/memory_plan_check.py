@@ -138,26 +138,32 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
 
 
-def worker(cfg_path: str) -> None:
+def synthetic_world(cfg, device):
+    """The job's world for a measurement: 8 random latents of the config's shape and random text contexts."""
     import torch
 
-    from engine.config import load_config
-    from engine.distill.job import World, run_distillation
+    from engine.distill.job import World
     from engine.train import dist
     from engine.worlds.base import world_latent_shape
     from engine.worlds.source import TensorSource
 
-    cfg = load_config(cfg_path)
     shape = world_latent_shape(cfg)
-    warm = cfg.method.critic_per_generator  # the measured cycle is the second: code paged in, Adam states allocated
+    g = torch.Generator().manual_seed(1234)
+    latents = torch.randn(8, *shape, generator=g)
+    context = torch.randn(8, TEXT_LEN, cfg.model.text_dim, generator=g)
+    source = TensorSource(latents, context, cfg.optim.micro_batch_size, rank=dist.rank(),
+                          world_size=dist.world_size(), seed=cfg.train.seed)  # fmt: skip
+    return World(source=source, uncond=torch.zeros(1, TEXT_LEN, cfg.model.text_dim), latent_shape=shape)
 
-    def make_world(cfg, device):
-        g = torch.Generator().manual_seed(1234)
-        latents = torch.randn(8, *shape, generator=g)
-        context = torch.randn(8, TEXT_LEN, cfg.model.text_dim, generator=g)
-        source = TensorSource(latents, context, cfg.optim.micro_batch_size, rank=dist.rank(),
-                              world_size=dist.world_size(), seed=cfg.train.seed)  # fmt: skip
-        return World(source=source, uncond=torch.zeros(1, TEXT_LEN, cfg.model.text_dim), latent_shape=shape)
+
+def worker(cfg_path: str) -> None:
+
+    from engine.config import load_config
+    from engine.distill.job import run_distillation
+    from engine.train import dist
+
+    cfg = load_config(cfg_path)
+    warm = cfg.method.critic_per_generator  # the measured cycle is the second: code paged in, Adam states allocated
 
     out: dict = {"rank": None, "step_growth": []}
 
@@ -171,7 +177,7 @@ def worker(cfg_path: str) -> None:
             out["step_growth"].append(_status("VmHWM") - out["rss_start"])
         _reset_peak()
 
-    run_distillation(cfg, make_world, on_step=on_step)
+    run_distillation(cfg, synthetic_world, on_step=on_step)
     resident = sum(out["census"].values())
     growth = max(out["step_growth"])
     out.update(rank=dist.rank(), resident=resident, activations=growth, peak=resident + growth)

@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TEXT_LEN = 16
+from benchmarks.memory_plan_check import TEXT_LEN  # noqa: E402  (the same synthetic world)
+
 TEACHER = ROOT / "engine" / "assets" / "toy_teacher"
 BASE_YAML = """
 model: {{preset: toy, checkpoint: {teacher}, gradient_checkpointing: false}}
@@ -101,26 +102,15 @@ def run(name: str, workdir: Path, peak_size: int) -> dict:
 
 def worker(cfg_path: str, out_path: str, peak_size: int) -> None:
     import deepspeed.comm
-    import torch
     from deepspeed.comm.comm import comms_logger
 
+    from benchmarks.memory_plan_check import synthetic_world
     from engine.config import load_config
-    from engine.distill.job import World, run_distillation
+    from engine.distill.job import run_distillation
     from engine.train import dist
-    from engine.worlds.base import world_latent_shape
-    from engine.worlds.source import TensorSource
 
     cfg = load_config(cfg_path)
-    shape = world_latent_shape(cfg)
     roles = ("teacher", "generator", "critic")
-
-    def make_world(cfg, device):
-        g = torch.Generator().manual_seed(1234)
-        latents = torch.randn(8, *shape, generator=g)
-        context = torch.randn(8, TEXT_LEN, cfg.model.text_dim, generator=g)
-        source = TensorSource(latents, context, cfg.optim.micro_batch_size, rank=dist.rank(),
-                              world_size=dist.world_size(), seed=cfg.train.seed)  # fmt: skip
-        return World(source=source, uncond=torch.zeros(1, TEXT_LEN, cfg.model.text_dim), latent_shape=shape)
 
     state: dict = {"scalars": {}, "passes": {r: {"forward": 0, "backward": 0} for r in roles}, "counting": False}
 
@@ -172,7 +162,7 @@ def worker(cfg_path: str, out_path: str, peak_size: int) -> None:
             }
 
     cfg.logging.peak_tflops = measure_peak(peak_size)  # both ranks at once, as they will run: the job's MFU against it
-    run_distillation(cfg, make_world, on_step=on_step)
+    run_distillation(cfg, synthetic_world, on_step=on_step)
     cycle2 = state["scalars"][2 * CYCLE]
     wall = state[f"wall_{2 * CYCLE}"] - state[f"wall_{CYCLE}"]
     params = {}
