@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import os
 import sys
+import threading
 from datetime import timedelta
 from typing import NoReturn
 
@@ -59,12 +60,15 @@ def _leave() -> None:
 
 
 def exit_process(code: int | None) -> NoReturn:
-    """End a worker process with ``code`` (None: 0) without interpreter teardown. The process groups are left and
-    every atexit handler runs (logging and any writer still open are flushed), then the process exits at once. What
-    interpreter teardown would do next, with gloo's worker and socket threads still running under groups DeepSpeed
-    holds, made finished 2-rank jobs die of SIGABRT now and then ("terminate called without an active
-    exception") after its results were written. Call it from a script's ``__main__`` once its work is done."""
+    """End a worker process with ``code`` (None: 0) without interpreter teardown. The process groups are left, the
+    thread-exit hooks run and the non-daemon threads are waited for (as the interpreter would), every atexit handler
+    runs (logging and any writer still open are flushed), then the process exits at once. What interpreter teardown
+    would do next, with gloo's worker and socket threads still running under groups DeepSpeed holds, made finished
+    2-rank jobs die of SIGABRT now and then ("terminate called without an active exception") after their results
+    were written. Call it from a script's ``__main__`` once its work is done."""
     _leave()
+    if threading.current_thread() is threading.main_thread():
+        threading._shutdown()  # what the interpreter does first: thread-exit hooks (executors), non-daemon threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach it

@@ -41,3 +41,26 @@ def test_exit_process_with_no_code_is_success(tmp_path):  # a worker whose main(
     proc, out = run(tmp_path, "none")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.exists()
+
+
+def test_exit_process_waits_for_unfinished_threads_and_not_for_idle_executors(tmp_path):
+    """A non-daemon thread still writing finishes its file (what the interpreter would wait for); an executor nobody
+    shut down does not hold the exit."""
+    out = tmp_path / "late.txt"
+    script = textwrap.dedent(
+        """
+        import concurrent.futures, sys, threading, time
+        from engine.train.dist import exit_process
+
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        pool.submit(int).result()  # idle workers, never shut down
+        def late():
+            time.sleep(0.5)
+            open(sys.argv[1], "w").write("written")
+        threading.Thread(target=late).start()
+        exit_process(4)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert out.read_text() == "written"
