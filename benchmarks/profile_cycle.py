@@ -1,7 +1,7 @@
 """One 5:1 cycle of the real distillation job, profiled: time per phase, bytes per collective against ZeRO-3's volume,
 the share of wall time outside model compute, tokens/s and MFU against this machine's measured matmul peak.
 
-    python benchmarks/profile_cycle.py                          # the medium config, 2 gloo ranks, ~3 min on 2 cores
+    python benchmarks/profile_cycle.py                          # toy architecture, 1280 tokens, 2 gloo ranks: 20 s
     python benchmarks/profile_cycle.py --config toy-320 --json out.json
 
 The job (engine.distill.job.run_distillation: three ZeRO-3 engines, the DMD method with regression and TR) runs three
@@ -59,7 +59,7 @@ logging:
 deepspeed: {{dtype: fp32, param_persistence_threshold: 0}}
 data: {{source: cache, cache_dir: {run_dir}/no-cache, num_frames: {frames}, height: {side}, width: {side}}}
 """
-CONFIGS = {"medium": (17, 256), "toy-320": (17, 128)}  # (pixel frames, side): 1280 and 320 tokens
+CONFIGS = {"toy-1280": (17, 256), "toy-320": (17, 128)}  # (pixel frames, side): tokens; the toy architecture
 CYCLE = 5  # configs/toy.yaml's method.critic_per_generator: 5 critic updates, then one generator update
 COMPUTE = ("teacher", "critic_eval", "rollout", "generator_forward", "regression", "critic_forward",
            "generator_backward", "critic_backward")  # fmt: skip
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    p.add_argument("--config", default="medium", choices=sorted(CONFIGS))
+    p.add_argument("--config", default="toy-1280", choices=sorted(CONFIGS))
     p.add_argument("--peak-size", type=int, default=1024, help="side of the square matmul that measures the peak")
     p.add_argument("--json", default=str(ROOT / "docs" / "results" / "profile_cycle.json"))
     args = p.parse_args(argv)
