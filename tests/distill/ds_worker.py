@@ -12,7 +12,8 @@ Faults, by environment variable (steps are the loop's 0-based step index, as in 
     NAN_SCORES=teacher:5,...    that role's (teacher or critic) score at that step is NaN
     POISON_WEIGHTS=generator:3:1  after step 3, rank 1's partition of the generator's first weight becomes NaN
 With RECORD_GENERATOR=1 rank 0 also writes <run_dir>/generator_step<n>.pt, the full generator after each step n that
-changed it, and <run_dir>/sampled_step<n>.pt, the full weights the sample-video writer got at step n. With
+changed it, and <run_dir>/sampled_step<n>.pt, the full weights the sample-video writer got at step n (the job's own
+writer with SAMPLE_VIDEOS=1, a stand-in that only records without). With
 SAMPLE_VIDEOS=1 the world has two sample prompts and a pixel codec (tanh of the first three latent channels, 8x
 nearest upsampling), so logging.sample_every writes real sample videos through the job's own sampler.
 """
@@ -235,13 +236,33 @@ def probe_sampler(cfg, world, device, *_):
     return sampler
 
 
+def recording(world_sampler):
+    """The job's own sample-video writer, which first records the full weights it is handed (as probe_sampler)."""
+
+    def build(cfg, world, device, *rest):
+        write = world_sampler(cfg, world, device, *rest)
+        if write is None:
+            return None
+        run_dir = Path(cfg.logging.run_dir)
+
+        def sampler(generator, step):
+            full = _full(generator)  # collective
+            if dist.is_main():
+                torch.save(full, run_dir / f"sampled_step{step}.pt")
+            return write(generator, step)
+
+        return sampler
+
+    return build
+
+
 def main():
     cfg = load_config(sys.argv[1], sys.argv[2:])
     run_dir = Path(cfg.logging.run_dir)
     rec = Recorder(run_dir)
     die_with_parent()  # as launcher/run.py does
     if os.environ.get("RECORD_GENERATOR"):
-        job.world_sampler = probe_sampler
+        job.world_sampler = recording(job.world_sampler) if os.environ.get("SAMPLE_VIDEOS") else probe_sampler
     try:
         summary = run_distillation(cfg, make_world, on_step=rec)
     except TrainingStopped as exc:  # as launcher/run.py reports it: one line, the exit status

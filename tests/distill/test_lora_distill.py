@@ -46,6 +46,7 @@ teacher = full_weights.teacher  # the module-scoped tiny teacher fixture
 
 LORA = ("model.lora.rank=4", "model.lora.alpha=8", "logging.sample_every=4")  # scale 2; sample videos at 4 and 8
 SAMPLES = {"SAMPLE_VIDEOS": "1"}  # the worker's world has sample prompts and a pixel codec
+RECORDED = {**SAMPLES, "RECORD_GENERATOR": "1"}  # ...and the weights the job's sample writer is handed are saved
 SCALE, STEPS, EVERY = 2.0, 8, 4
 
 
@@ -58,7 +59,7 @@ def straight(tmp_path_factory, teacher):
     """8 steps (generator updates at steps 1 and 6), checkpoints and sample videos at 4 and 8, the in-job export at
     the end."""
     tmp = tmp_path_factory.mktemp("lora")
-    proc, run_dir = launch(tmp, teacher, "straight", STEPS, EVERY, env=SAMPLES, overrides=LORA)
+    proc, run_dir = launch(tmp, teacher, "straight", STEPS, EVERY, env=RECORDED, overrides=LORA)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -141,6 +142,9 @@ def test_sample_videos_are_the_adapted_generators(tmp_path, straight, monkeypatc
     videos are the 4-step samples of the merged export (our sampler on the exported weights, same seeds), decoded."""
     import av
 
+    sampled, final = torch.load(straight / "sampled_step8.pt"), torch.load(straight / "final_weights.pt")
+    assert sampled.keys() == final["generator"].keys()  # the writer got the adapted generator: base and adapters,
+    assert all(torch.equal(sampled[k], final["generator"][k]) for k in sampled)  # as trained at step 8, bit for bit
     names = sorted(p.name for p in (straight / "samples").glob("*.mp4"))
     prompts = ["a red ball", "a blue cube"]
     assert names == sorted(sample_name(s, 0, i, p) for s in (4, 8) for i, p in enumerate(prompts))
