@@ -100,106 +100,129 @@ def run(name: str, workdir: Path, peak_size: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def worker(cfg_path: str, out_path: str, peak_size: int) -> None:
-    import deepspeed.comm
-    from deepspeed.comm.comm import comms_logger
+ROLES = ("teacher", "generator", "critic")
+GATHERS = {"all_gather_into_tensor", "allgather_fn", "all_gather", "all_gather_base"}
 
+
+class CycleProbe:
+    """``on_step`` of the job: on the build it wraps each role's forward and backward (pass counts) and the method's
+    ``log_scalars`` (the cycle's figures); it stamps the wall-clock at the cycle edges and turns DeepSpeed's comms
+    logger on for cycle 3 only."""
+
+    def __init__(self):
+        self.scalars: dict[int, dict] = {}
+        self.passes = {r: {"forward": 0, "backward": 0} for r in ROLES}
+        self.wall: dict[int, float] = {}
+        self.counting = False
+        self.engines: dict = {}
+        self.tokens_per_sample = 0
+        self.comms: dict = {}
+
+    def __call__(self, loop, metrics) -> None:
+        import deepspeed.comm
+        from deepspeed.comm.comm import comms_logger
+
+        if metrics is None:
+            self._install(loop)
+            return
+        if loop.step in (CYCLE, 2 * CYCLE):
+            self.wall[loop.step] = time.perf_counter()
+        if loop.step == 2 * CYCLE:  # cycle 3 counts bytes and passes
+            comms_logger.comms_dict.clear()
+            deepspeed.comm.configure(enabled=True, prof_all=True, verbose=False, debug=False)
+            self.counting = True
+        if loop.step == 3 * CYCLE:
+            deepspeed.comm.configure(enabled=False)
+            self.counting = False
+            self.comms = {
+                op: {str(size): {"count": rec[0], "latency_s": sum(rec[1]) / 1000.0} for size, rec in sizes.items()}
+                for op, sizes in comms_logger.get_raw_data().items()
+            }
+
+    def _install(self, loop) -> None:
+        method = loop.method
+        log_scalars = method.log_scalars
+
+        def captured(seconds, steps):
+            out = log_scalars(seconds, steps)
+            self.scalars[loop.step] = {"seconds": seconds, "steps": steps, **out}
+            return out
+
+        method.log_scalars = captured
+        for role in ROLES:
+            engine = getattr(method.roles, role)
+            engine.module.register_forward_pre_hook(self._count(role, "forward"))
+            engine.backward = self._counted(role, engine.backward)
+            self.engines[role] = engine
+        self.tokens_per_sample = method.tokens_per_sample
+
+    def _count(self, role: str, kind: str):
+        def hook(*_):
+            if self.counting:
+                self.passes[role][kind] += 1
+
+        return hook
+
+    def _counted(self, role: str, backward):
+        count = self._count(role, "backward")
+
+        def wrapped(*args, **kwargs):
+            count()
+            return backward(*args, **kwargs)
+
+        return wrapped
+
+
+def role_bytes(engine) -> dict:
+    """Bytes of a role's parameters (full ZeRO-3 sizes), all and trained."""
+    ps = list({id(p): p for p in engine.module.parameters()}.values())
+    return {
+        "bytes": sum(p.ds_numel * p.element_size() for p in ps),
+        "trained_bytes": sum(p.ds_numel * p.element_size() for p in ps if p.requires_grad),
+    }
+
+
+def volume(comms: dict, passes: dict, params: dict, world: int) -> dict:
+    """Bytes per rank and cycle by kind of collective, logged and as ZeRO-3's accounting gives them (module doc)."""
+    measured = {"gathered": 0, "reduced": 0, "other": 0}
+    for op, sizes in comms.items():
+        kind = "gathered" if op in GATHERS else "reduced" if "reduce_scatter" in op else "other"
+        measured[kind] += sum(int(s) * v["count"] for s, v in sizes.items())
+    theory = {"gathered": 0, "reduced": 0}
+    for role, n in passes.items():
+        theory["gathered"] += params[role]["bytes"] // world * (n["forward"] + n["backward"])
+        theory["reduced"] += params[role]["trained_bytes"] * n["backward"]
+    return {"measured": measured, "theory": theory}
+
+
+def worker(cfg_path: str, out_path: str, peak_size: int) -> None:
     from benchmarks.memory_plan_check import synthetic_world
     from engine.config import load_config
     from engine.distill.job import run_distillation
     from engine.train import dist
 
     cfg = load_config(cfg_path)
-    roles = ("teacher", "generator", "critic")
-
-    state: dict = {"scalars": {}, "passes": {r: {"forward": 0, "backward": 0} for r in roles}, "counting": False}
-
-    def counted_forward(role):
-        def hook(module, args):
-            if state["counting"]:
-                state["passes"][role]["forward"] += 1
-
-        return hook
-
-    def counted_backward(role, backward):
-        def wrapped(*args, **kwargs):
-            if state["counting"]:
-                state["passes"][role]["backward"] += 1
-            return backward(*args, **kwargs)
-
-        return wrapped
-
-    def on_step(loop, metrics):
-        if metrics is None:  # built: install the probes
-            method = loop.method
-            log_scalars = method.log_scalars
-
-            def captured(seconds, steps):
-                out = log_scalars(seconds, steps)
-                state["scalars"][loop.step] = {"seconds": seconds, "steps": steps, **out}
-                return out
-
-            method.log_scalars = captured
-            for role in roles:
-                engine = getattr(method.roles, role)
-                engine.module.register_forward_pre_hook(counted_forward(role))
-                engine.backward = counted_backward(role, engine.backward)
-            state["engines"] = {r: getattr(method.roles, r) for r in roles}
-            state["tokens_per_sample"] = method.tokens_per_sample
-            return
-        if loop.step in (CYCLE, 2 * CYCLE):
-            state[f"wall_{loop.step}"] = time.perf_counter()
-        if loop.step == 2 * CYCLE:  # cycle 3 counts bytes and passes
-            comms_logger.comms_dict.clear()
-            deepspeed.comm.configure(enabled=True, prof_all=True, verbose=False, debug=False)
-            state["counting"] = True
-        if loop.step == 3 * CYCLE:
-            deepspeed.comm.configure(enabled=False)
-            state["counting"] = False
-            state["comms"] = {
-                op: {str(size): {"count": rec[0], "latency_s": sum(rec[1]) / 1000.0} for size, rec in sizes.items()}
-                for op, sizes in comms_logger.get_raw_data().items()
-            }
-
+    probe = CycleProbe()
     cfg.logging.peak_tflops = measure_peak(peak_size)  # both ranks at once, as they will run: the job's MFU against it
-    run_distillation(cfg, synthetic_world, on_step=on_step)
-    cycle2 = state["scalars"][2 * CYCLE]
-    wall = state[f"wall_{2 * CYCLE}"] - state[f"wall_{CYCLE}"]
-    params = {}
-    for role, engine in state["engines"].items():
-        ps = list({id(p): p for p in engine.module.parameters()}.values())
-        params[role] = {
-            "bytes": sum(p.ds_numel * p.element_size() for p in ps),
-            "trained_bytes": sum(p.ds_numel * p.element_size() for p in ps if p.requires_grad),
-        }
+    run_distillation(cfg, synthetic_world, on_step=probe)
+    cycle2 = probe.scalars[2 * CYCLE]
+    params = {role: role_bytes(engine) for role, engine in probe.engines.items()}
     result = {
         "rank": dist.rank(),
         "world": dist.world_size(),
-        "tokens_per_sample": state["tokens_per_sample"],
+        "tokens_per_sample": probe.tokens_per_sample,
         "peak_tflops_measured": cfg.logging.peak_tflops,
-        "cycle_wall_s": wall,
+        "cycle_wall_s": probe.wall[2 * CYCLE] - probe.wall[CYCLE],
         "phases_s": {k[len("time/") :]: v * cycle2["steps"] for k, v in cycle2.items() if k.startswith("time/")},
         "tokens_per_s": cycle2["perf/tokens_per_s"],
         "mfu": cycle2["perf/mfu"],
-        "passes": state["passes"],
+        "passes": probe.passes,
         "params": params,
-        "comms": state["comms"],
+        "comms": probe.comms,
+        "volume": volume(probe.comms, probe.passes, params, dist.world_size()),
     }
-    gathered = {"all_gather_into_tensor", "allgather_fn", "all_gather", "all_gather_base"}
-    measured = {"gathered": 0, "reduced": 0, "other": 0}
-    for op, sizes in state["comms"].items():
-        total = sum(int(s) * v["count"] for s, v in sizes.items())
-        kind = "gathered" if op in gathered else "reduced" if "reduce_scatter" in op else "other"
-        measured[kind] += total
-    theory = {"gathered": 0, "reduced": 0}
-    for role, n in state["passes"].items():
-        theory["gathered"] += params[role]["bytes"] // dist.world_size() * (n["forward"] + n["backward"])
-        theory["reduced"] += params[role]["trained_bytes"] * n["backward"]
-    result["volume"] = {"measured": measured, "theory": theory}
-    Path(f"{out_path}.rank{dist.rank()}").write_text(json.dumps(result, indent=1))
-    dist.barrier()
+    ranks = dist.all_gather_object(result)
     if dist.is_main():
-        ranks = [json.loads(Path(f"{out_path}.rank{r}").read_text()) for r in range(dist.world_size())]
         Path(out_path).write_text(json.dumps({"ranks": ranks}, indent=1))
 
 
