@@ -16,6 +16,7 @@ tokens).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -35,7 +36,7 @@ def cases(config: str) -> tuple[dict, tuple]:
     ours, theirs, inputs = build(config)
     compiled = WanModel(dataclasses.replace(ours.cfg, compile=True)).to(next(ours.parameters()).device)
     compiled.load_state_dict(ours.state_dict())
-    _, theirs_compiled, _ = build(config)
+    theirs_compiled = copy.deepcopy(theirs)
     for block in theirs_compiled.blocks:
         block.compile(fullgraph=True)
     return {"ours": (ours, True), "ours-compiled": (compiled, True), "diffusers": (theirs, False),
